@@ -1,0 +1,1 @@
+"""Microbenchmarks (installed as ``fastformer.benchmarks``; run with ``fastformer bench <op>``)."""

@@ -1,0 +1,17 @@
+// pybind11 bindings of fastformer._C. Compiled by the host compiler with no CUDA or torch headers:
+// every function takes integers (pointers, sizes, dtype codes, stream) and raises RuntimeError on
+// any CUDA error. Python (fastformer/ops/*.py) validates inputs before calling in.
+#include <pybind11/pybind11.h>
+
+#include "ops.h"
+
+namespace ff = fastformer;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastformer CUDA C++ kernels (torch-free; see fastformer/ops for the Python side)";
+  m.def("cuda_runtime_version", &ff::cuda_runtime_version, "CUDA runtime version the module was built with");
+  m.def("cuda_device_count", &ff::cuda_device_count, "number of CUDA devices visible to the runtime");
+
+  m.def("layer_norm_fwd", &ff::layer_norm_fwd, "LayerNorm(dropout(x) + residual) forward");
+  m.def("layer_norm_bwd", &ff::layer_norm_bwd, "LayerNorm(dropout(x) + residual) backward");
+}

@@ -1,0 +1,96 @@
+// Shared by every fastformer CUDA kernel: error checks, dtype dispatch, fp32 conversions,
+// warp reductions and the Philox dropout decision (the same stream as tl.randint; see
+// fastformer/ops/_dropout.py). Torch-free: kernels see raw pointers and sizes only.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace fastformer {
+
+// dtype codes passed from Python (fastformer/utils.py: DTYPE_CODE)
+enum DTypeCode : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+inline void check_cuda(cudaError_t err, const char* what, const char* file, int line) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("fastformer._C: ") + what + " failed (" + file + ":" + std::to_string(line) +
+                             "): " + cudaGetErrorString(err));
+  }
+}
+
+#define FF_CUDA_CHECK(expr) ::fastformer::check_cuda((expr), #expr, __FILE__, __LINE__)
+#define FF_LAUNCH_CHECK() ::fastformer::check_cuda(cudaGetLastError(), "kernel launch", __FILE__, __LINE__)
+
+// Runs the statement list with T bound to the C++ type of a dtype code.
+#define FF_DISPATCH_FLOAT(code, T, ...)                                              \
+  switch (code) {                                                                    \
+    case ::fastformer::kF32: { using T = float; __VA_ARGS__; break; }                \
+    case ::fastformer::kF16: { using T = __half; __VA_ARGS__; break; }               \
+    case ::fastformer::kBF16: { using T = __nv_bfloat16; __VA_ARGS__; break; }       \
+    default: throw std::invalid_argument("fastformer._C: unknown dtype code " + std::to_string(code)); \
+  }
+
+template <typename T>
+__device__ __forceinline__ float to_f32(T x);
+template <>
+__device__ __forceinline__ float to_f32<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ float to_f32<__half>(__half x) { return __half2float(x); }
+template <>
+__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_f32(float x);
+template <>
+__device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sum over the block; every thread gets the result. `scratch` holds >= 32 floats of shared memory.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
+  v = warp_sum(v);
+  __syncthreads();  // scratch may still be read from a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < nwarps ? scratch[lane] : 0.f;
+  return warp_sum(v);
+}
+
+// First word of Philox4x32-10 with counter (lo(offset), hi(offset), 0, 0) and key (lo(seed), hi(seed)).
+__device__ __forceinline__ uint32_t philox_first(uint64_t seed, uint64_t offset) {
+  uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32), c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+#pragma unroll
+  for (int i = 0; i < 10; ++i) {
+    const uint32_t hi_b = __umulhi(0xCD9E8D57u, c2), lo_b = 0xCD9E8D57u * c2;
+    const uint32_t hi_a = __umulhi(0xD2511F53u, c0), lo_a = 0xD2511F53u * c0;
+    c0 = hi_b ^ c1 ^ k0;
+    c2 = hi_a ^ c3 ^ k1;
+    c1 = lo_b;
+    c3 = lo_a;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c0;
+}
+
+// Dropout keeps an element when the top 24 of its 32 random bits reach the threshold (threshold24 in Python).
+__device__ __forceinline__ bool dropout_keep(uint64_t seed, uint64_t offset, uint32_t thresh24) {
+  return (philox_first(seed, offset) >> 8) >= thresh24;
+}
+
+}  // namespace fastformer

@@ -1,0 +1,23 @@
+// Host launchers exported by the .cu files and bound in bindings.cpp. Plain C++ types only: the
+// binding unit is compiled by the host compiler without CUDA or torch headers. Pointers arrive as
+// integers (tensor.data_ptr()), the stream as an integer cudaStream_t, dtypes as DTypeCode.
+#pragma once
+
+#include <cstdint>
+
+namespace fastformer {
+
+int cuda_runtime_version();
+int cuda_device_count();
+
+// layer_norm.cu: y = LayerNorm(dropout(x) + residual) over rows of length n.
+void layer_norm_fwd(uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t bias, uintptr_t y,
+                    uintptr_t res_out, uintptr_t mean, uintptr_t rstd, int64_t rows, int64_t n,
+                    int64_t stride_x, int64_t stride_r, double eps, uint64_t seed, double p, uint32_t thresh24,
+                    int dtype, uintptr_t stream);
+void layer_norm_bwd(uintptr_t dy, uintptr_t dres_out, uintptr_t s, uintptr_t weight, uintptr_t mean,
+                    uintptr_t rstd, uintptr_t dx, uintptr_t dres, uintptr_t dw_partial, uintptr_t db_partial,
+                    int64_t rows, int64_t n, int64_t partial_rows, uint64_t seed, double p, uint32_t thresh24,
+                    int dtype, uintptr_t stream);
+
+}  // namespace fastformer

@@ -1,0 +1,1 @@
+"""Triton kernels of fastformer (installed as ``fastformer.kernels``); launchers live in ``fastformer.ops``."""
