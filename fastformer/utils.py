@@ -13,9 +13,12 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-@functools.cache
+# a constant, not a cached call: torch.compile traces backend selection on every call
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _HAS_TRITON
 
 
 def interpreting() -> bool:

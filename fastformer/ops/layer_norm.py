@@ -77,10 +77,9 @@ def _torch_bwd(dy2, dso2, s2, w, mean, rstd, p, seed, has_res, has_b):
     if p > 0:
         keep = keep_mask(int(seed), torch.arange(m * n, device=s2.device).view(m, n), p)
         dx = torch.where(keep, ds * (1.0 / (1.0 - p)), 0.0)
-    empty = s2.new_empty(0)
-    dres = ds.to(s2.dtype) if has_res else empty
-    dw = (dy * xhat).sum(0).to(w.dtype) if w is not None else empty
-    db = dy.sum(0).to(w.dtype if w is not None else s2.dtype) if has_b else empty
+    dres = ds.to(s2.dtype, copy=True) if has_res else s2.new_empty(0)  # must not alias dx
+    dw = (dy * xhat).sum(0).to(w.dtype) if w is not None else s2.new_empty(0)
+    db = dy.sum(0).to(w.dtype if w is not None else s2.dtype) if has_b else s2.new_empty(0)
     return dx.to(s2.dtype), dres, dw, db
 
 
@@ -136,10 +135,10 @@ def _triton_bwd(dy2, dso2, s2, w, mean, rstd, p, seed, has_res, has_b):
 
 
 def _reduce_partials(dw_part, db_part, w, s2):
+    # custom-op outputs may not alias each other: a fresh empty tensor for each absent gradient
     wdtype = w.dtype if w is not None else s2.dtype
-    empty = s2.new_empty(0)
-    dw = dw_part.sum(0).to(wdtype) if dw_part is not None else empty
-    db = db_part.sum(0).to(wdtype) if db_part is not None else empty
+    dw = dw_part.sum(0).to(wdtype) if dw_part is not None else s2.new_empty(0)
+    db = db_part.sum(0).to(wdtype) if db_part is not None else s2.new_empty(0)
     return dw, db
 
 
@@ -267,12 +266,11 @@ def _trailing(t: Tensor, n: int) -> int:
 def _(dy, ds_out, s, weight, mean, rstd, n, p, seed, has_residual, has_bias, backend):
     wdtype = weight.dtype if weight is not None else s.dtype
     wshape = weight.shape if weight is not None else s.shape[s.dim() - _trailing(s, n) :]
-    empty = s.new_empty(0)
     return (
         s.new_empty(s.shape),
-        s.new_empty(s.shape) if has_residual else empty,
-        s.new_empty(wshape, dtype=wdtype) if weight is not None else empty,
-        s.new_empty(wshape, dtype=wdtype) if has_bias else empty,
+        s.new_empty(s.shape) if has_residual else s.new_empty(0),
+        s.new_empty(wshape, dtype=wdtype) if weight is not None else s.new_empty(0),
+        s.new_empty(wshape, dtype=wdtype) if has_bias else s.new_empty(0),
     )
 
 

@@ -1,0 +1,118 @@
+"""Backend selection order and the torch-free CUDA extension's build machinery."""
+
+import multiprocessing as mp
+import os
+import time
+
+import pytest
+import torch
+from conftest import HAS_GPU
+
+import fastformer
+from fastformer import _build, _ext, backends
+
+
+def test_selection_order(monkeypatch):
+    monkeypatch.delenv("FASTFORMER_BACKEND", raising=False)
+    assert backends.selected() == "auto"
+    monkeypatch.setenv("FASTFORMER_BACKEND", "torch")
+    assert backends.selected() == "torch"
+    with fastformer.use_backend("triton"):
+        assert backends.selected() == "triton"  # context beats environment
+        with fastformer.use_backend("cuda"):
+            assert backends.selected() == "cuda"
+        assert backends.selected() == "triton"
+        assert backends.selected("torch") == "torch"  # argument beats context
+    assert backends.selected() == "torch"
+
+
+def test_unknown_names_are_rejected(monkeypatch):
+    with pytest.raises(ValueError, match="use_backend"):
+        with fastformer.use_backend("fast"):
+            pass
+    monkeypatch.setenv("FASTFORMER_BACKEND", "fast")
+    with pytest.raises(ValueError, match="FASTFORMER_BACKEND"):
+        backends.selected()
+
+
+def test_auto_picks_torch_on_cpu_and_explicit_requests_are_checked(monkeypatch):
+    monkeypatch.delenv("FASTFORMER_BACKEND", raising=False)
+    cpu = torch.device("cpu")
+    assert backends.select("op", cpu) == "torch"
+    assert backends.select("op", cpu, "triton") == "triton"  # the interpreter is on in tests
+    with pytest.raises(backends.BackendError, match="op: backend 'cuda'"):
+        backends.select("op", cpu, "cuda")
+    with pytest.raises(backends.BackendError, match="because"):
+        backends.select("op", cpu, "triton", why_not=lambda b: "because" if b == "triton" else None)
+
+
+def test_environment_variable_reaches_ops(monkeypatch):
+    monkeypatch.setenv("FASTFORMER_BACKEND", "cuda")
+    if not HAS_GPU:
+        with pytest.raises(fastformer.BackendError, match="cuda"):
+            fastformer.layer_norm(torch.randn(2, 4), 4)
+
+
+def test_available_backends_on_this_machine():
+    names = fastformer.available_backends("cpu")
+    assert "torch" in names and "cuda" not in names
+    status = backends.status("cpu")
+    assert status["torch"] is None and "CUDA" in status["cuda"]
+
+
+needs_nvcc = pytest.mark.skipif(_build.find_nvcc() is None, reason="nvcc is not installed on this machine")
+
+
+@needs_nvcc
+def test_extension_builds_imports_and_exports_its_functions():
+    mod = _ext.load()
+    expected = {"cuda_runtime_version", "cuda_device_count", "layer_norm_fwd", "layer_norm_bwd"}
+    assert expected <= set(dir(mod))
+    assert mod.cuda_runtime_version() >= 12000
+    assert mod.cuda_device_count() == torch.cuda.device_count()
+    assert _ext.is_built()
+
+
+@needs_nvcc
+def test_extension_does_not_link_torch():
+    path = _build.jit_build()
+    data = path.read_bytes()
+    assert b"libtorch" not in data and b"libc10" not in data
+
+
+def _fake_build(out_dir, build_dir=None, verbose=False):
+    # stands in for nvcc: slow enough that a second process must wait on the lock
+    with open(os.path.join(os.environ["FF_TEST_COUNTER"]), "a") as f:
+        f.write("x")
+    time.sleep(1.0)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / _build.ext_filename()
+    target.write_text("built")
+    return target
+
+
+def _jit_worker(q):
+    _build.build = _fake_build
+    q.put(str(_build.jit_build()))
+
+
+@needs_nvcc
+def test_concurrent_builds_share_one_result_and_stale_locks_do_not_hang(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTFORMER_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("FF_TEST_COUNTER", str(tmp_path / "count"))
+    # a lock file left behind by a killed build: flock locks die with their process, so this must not block
+    key = _build.build_key(_build.source_dir(), _build.find_nvcc())
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / f"{key}.lock").write_text("")
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_jit_worker, args=(q,)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    paths = {q.get(timeout=5), q.get(timeout=5)}
+    assert len(paths) == 1, paths
+    assert (tmp_path / "count").read_text() == "x", "exactly one process should have built"
+    assert open(paths.pop()).read() == "built"
