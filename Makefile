@@ -5,9 +5,12 @@ PIP_INSTALL := $(PYTHON) -m pip install -c constraints.txt
 # fail the build on any nvcc warning in CI and tests
 export FASTFORMER_WERROR ?= 1
 
-# is this checkout (not another clone) installed, with these modules importable?
+# is this checkout (not another clone) installed, with these modules importable and numpy < 2.4?
 define installed
-$(PYTHON) -c "import sys, pathlib, importlib; m = importlib.import_module('fastformer.kernels'); [importlib.import_module(x) for x in '$(1)'.split()]; sys.exit(0 if pathlib.Path(m.__file__).resolve().is_relative_to(pathlib.Path.cwd().resolve()) else 1)" 2>/dev/null
+$(PYTHON) -c "import sys, pathlib, importlib, numpy; m = importlib.import_module('fastformer.kernels'); \
+[importlib.import_module(x) for x in '$(1)'.split()]; \
+ok = pathlib.Path(m.__file__).resolve().is_relative_to(pathlib.Path.cwd().resolve()); \
+sys.exit(0 if ok and tuple(map(int, numpy.__version__.split('.')[:2])) < (2, 4) else 1)" 2>/dev/null
 endef
 
 .PHONY: test demo install install-test ext lint gpu-check
