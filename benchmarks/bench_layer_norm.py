@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from fastformer.benchmarks import common
 
 import fastformer
-from fastformer.benchmarks import common
 
 
 def _eager_block(x, r, w, b, p):
@@ -25,8 +25,8 @@ def _providers(dev, args):
         if backend in fastformer.available_backends(dev):
             if dev.type == "cpu" and backend != "torch":
                 continue  # the interpreter is a correctness tool, not a speed peer
-            prov[f"fastformer-{backend}"] = (
-                lambda x, r, w, b, p, _b=backend: fastformer.dropout_add_layer_norm(x, r, w, b, p=p, backend=_b)
+            prov[f"fastformer-{backend}"] = lambda x, r, w, b, p, _b=backend: fastformer.dropout_add_layer_norm(
+                x, r, w, b, p=p, backend=_b
             )
     prov["torch"] = _eager_block
     compiled = common.maybe_compile(_eager_block, not args.no_compile and dev.type == "cuda")
@@ -49,6 +49,20 @@ def _time(fn, x, r, w, b, p, mode):
         torch.autograd.grad((o, ss), params, (g, g))
 
     return common.bench(step)
+
+
+def _vs_liger(x, w, b) -> list[dict]:
+    """Plain LayerNorm forward against liger-kernel's (it has no fused residual variant)."""
+    from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+
+    rows, n = x.shape
+    ms_liger = common.bench(lambda: LigerLayerNormFunction.apply(x, w, b, 1e-5))
+    ms_ours = common.bench(lambda: fastformer.layer_norm(x, n, w, b))
+    base = {"hidden": n, "rows": rows, "mode": "plain fwd"}
+    return [
+        {**base, "provider": "fastformer", "ms": ms_ours, "vs liger": ms_liger / ms_ours},
+        {**base, "provider": "liger", "ms": ms_liger},
+    ]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -81,14 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
                     row["vs compile"] = times["torch.compile"] / ms
                 results.append(row)
         if common.liger_available() and dev.type == "cuda":
-            from liger_kernel.ops.layer_norm import LigerLayerNormFunction
-
-            ms_l = common.bench(lambda: LigerLayerNormFunction.apply(x, w, b, 1e-5))
-            ms_f = common.bench(lambda: fastformer.layer_norm(x, n, w, b))
-            results.append({"hidden": n, "rows": rows, "mode": "plain fwd", "provider": "fastformer", "ms": ms_f})
-            results.append(
-                {"hidden": n, "rows": rows, "mode": "plain fwd", "provider": "liger", "ms": ms_l, "vs liger": ms_l / ms_f}
-            )
+            results += _vs_liger(x, w, b)
     return common.finish("layer_norm", results, args)
 
 

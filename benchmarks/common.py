@@ -48,27 +48,33 @@ def bench(fn: Callable[[], Any], warmup: int = 10, rep: int = 50) -> float:
     return statistics.median(times)
 
 
+def _copy_gbps(n: int, dtype: torch.dtype, dev: torch.device) -> float:
+    src = torch.empty(n, dtype=dtype, device=dev)
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def _matmul_tflops(n: int, dtype: torch.dtype, dev: torch.device) -> float:
+    m = torch.randn(n, n, dtype=dtype, device=dev)
+    ms = bench(lambda: m @ m)
+    return 2 * n**3 / ms / 1e9
+
+
 @functools.cache
 def peaks() -> dict[str, float]:
     """Measured copy bandwidth (GB/s, bytes read + written) and bf16 matmul rate (TFLOP/s) of this device."""
     dev = device()
     if dev.type != "cuda":
-        n = 1 << 24
-        a = torch.empty(n, dtype=torch.float32)
-        b = torch.empty_like(a)
-        ms = bench(lambda: b.copy_(a))
-        m = torch.randn(512, 512)
-        ms_mm = bench(lambda: m @ m)
-        return {"copy_gbps": 2 * a.numel() * 4 / ms / 1e6, "matmul_tflops": 2 * 512**3 / ms_mm / 1e9}
-    n = 1 << 28  # 1 GiB of bf16 per side: far past L2
-    a = torch.empty(n, dtype=torch.bfloat16, device=dev)
-    b = torch.empty_like(a)
-    ms = bench(lambda: b.copy_(a))
-    copy = 2 * a.numel() * a.element_size() / ms / 1e6
-    del a, b
-    m = torch.randn(8192, 8192, dtype=torch.bfloat16, device=dev)
-    ms_mm = bench(lambda: m @ m)
-    return {"copy_gbps": copy, "matmul_tflops": 2 * 8192**3 / ms_mm / 1e9}
+        return {
+            "copy_gbps": _copy_gbps(1 << 24, torch.float32, dev),
+            "matmul_tflops": _matmul_tflops(512, torch.float32, dev),
+        }
+    # 1 GiB of bf16 per side, far past L2; 8192^3 bf16 products on random data
+    return {
+        "copy_gbps": _copy_gbps(1 << 29, torch.bfloat16, dev),
+        "matmul_tflops": _matmul_tflops(8192, torch.bfloat16, dev),
+    }
 
 
 def liger_available() -> bool:

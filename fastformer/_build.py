@@ -104,7 +104,8 @@ def _ninja_file(src: Path, out: Path, nvcc: str) -> str:
         "ninja_required_version = 1.3",
         f"nvcc = {nvcc}",
         f"cxx = {os.environ.get('CXX', 'c++')}",
-        f"cuflags = -O3 -std=c++17 -lineinfo --expt-relaxed-constexpr -Xcompiler -fPIC,-Wall --threads 2 {gencode}{werror}",
+        "cuflags = -O3 -std=c++17 -lineinfo --expt-relaxed-constexpr -Xcompiler -fPIC,-Wall --threads 2 "
+        f"{gencode}{werror}",
         f"cxxflags = -O2 -std=c++17 -fPIC -fvisibility=hidden -Wall -I{py_inc} -I{pybind11.get_include()} -I{src}",
         "rule nvcc",
         "  command = $nvcc $cuflags -I" + str(src) + " -MD -MF $out.d -c $in -o $out",

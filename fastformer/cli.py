@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import platform
 import shutil
 import subprocess
@@ -61,6 +62,10 @@ def bench(name: str, argv: list[str]) -> None:
 def demo() -> None:
     """The main job: info, then the GPT-vs-BERT study (fused vs torch), then the LayerNorm microbenchmark."""
     import torch
+
+    if not torch.cuda.is_available() and "triton" not in sys.modules:
+        # no GPU: the fused (Triton) path runs in Triton's CPU interpreter, which must be chosen before import
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
     info()
     print()
