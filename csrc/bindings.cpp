@@ -14,4 +14,6 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("layer_norm_fwd", &ff::layer_norm_fwd, "LayerNorm(dropout(x) + residual) forward");
   m.def("layer_norm_bwd", &ff::layer_norm_bwd, "LayerNorm(dropout(x) + residual) backward");
+  m.def("ffn_bias_act_fwd", &ff::ffn_bias_act_fwd, "y = dropout(act(z + bias)) around a cuBLAS GEMM");
+  m.def("ffn_act_bwd", &ff::ffn_act_bwd, "g *= act'(pre) * dropout mask in place, optionally h = dropout(act(pre))");
 }

@@ -1,0 +1,68 @@
+"""The Transformer feed-forward block as a module whose parameters are two ``nn.Linear`` layers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastformer.ops.ffn import _check_activation, feed_forward
+
+
+class FeedForward(nn.Module):
+    """``fc2(dropout(act(fc1(x))))`` on fastformer's fused kernels.
+
+    ``fc1 = nn.Linear(d_model, d_ff)`` and ``fc2 = nn.Linear(d_ff, d_model)`` hold the parameters, so the
+    state dict has exactly the keys of that pair (``fc1.weight``, ``fc1.bias``, ``fc2.weight``, ``fc2.bias``)
+    and weights of existing models load unchanged.
+
+    Args:
+        d_model: input and output features.
+        d_ff: hidden features (typically 4 * d_model).
+        activation: None, "gelu", "gelu_tanh" or "relu".
+        dropout: dropout probability on the hidden activation while training, in [0, 1).
+        bias: whether both layers have a bias.
+        recompute: recompute the hidden pre-activation in backward instead of keeping it.
+        backend: fixed backend for this module (default: the ambient selection).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        activation: str | None = "gelu",
+        dropout: float = 0.0,
+        bias: bool = True,
+        *,
+        recompute: bool = False,
+        backend: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_activation(activation)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.activation = activation
+        self.dropout = float(dropout)
+        self.recompute = recompute
+        self.backend = backend
+        self.fc1 = nn.Linear(d_model, d_ff, bias=bias, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(d_ff, d_model, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., d_model) -> (..., d_model)."""
+        p = self.dropout if self.training else 0.0
+        return feed_forward(
+            x,
+            self.fc1.weight,
+            self.fc1.bias,
+            self.fc2.weight,
+            self.fc2.bias,
+            self.activation,
+            p,
+            recompute=self.recompute,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}, dropout={self.dropout}, recompute={self.recompute}"

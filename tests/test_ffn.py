@@ -1,0 +1,342 @@
+"""fastformer.linear / feed_forward / nn.FeedForward against float64 references (CPU: Triton interpreter)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, HAS_GPU
+
+import fastformer
+from fastformer import utils
+from fastformer.ops import ffn
+from fastformer.testing import assert_close_2x
+
+ACTS = [None, "gelu", "gelu_tanh", "relu"]
+
+
+def _weights(k: int, n: int, dtype: torch.dtype, layout: str, bias: bool):
+    w = torch.randn(n, k, device=DEVICE, dtype=torch.float32) / k**0.5
+    if layout == "in_out":
+        w = w.t().contiguous()
+    b = torch.randn(n, device=DEVICE) if bias else None
+    w = w.to(dtype).requires_grad_()
+    return w, (b.to(dtype).requires_grad_() if b is not None else None)
+
+
+def _grads(out: torch.Tensor, inputs: list[torch.Tensor | None], g: torch.Tensor) -> list[torch.Tensor]:
+    live = [t for t in inputs if t is not None]
+    return list(torch.autograd.grad(out, live, g))
+
+
+def _as64(ts):
+    return [t.detach().double().requires_grad_() if t is not None else None for t in ts]
+
+
+def _noncontig(t: torch.Tensor) -> torch.Tensor:
+    """Same values, last dimension strided (every other element of a doubled buffer)."""
+    buf = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    buf[..., ::2] = t
+    return buf[..., ::2]
+
+
+# (M, K, N, activation, bias, dtype, layout, lead shape, non-contiguous x and grad): a covering set of the
+# sizes {1, 7, 65, 127, 130, 768, 3073}, every activation with and without bias, both layouts and dtypes
+LINEAR_CASES = [
+    (7, 65, 130, "gelu", True, torch.float32, "out_in", None, False),
+    (65, 127, 7, "gelu_tanh", True, torch.float16, "in_out", (5, 13), False),
+    (130, 7, 65, "relu", False, torch.float32, "out_in", None, True),
+    (1, 768, 127, None, True, torch.float32, "in_out", None, False),
+    (127, 1, 768, "gelu", False, torch.float16, "out_in", None, True),
+    (1, 3073, 7, "gelu_tanh", False, torch.float32, "out_in", None, False),
+    (3073, 7, 1, "relu", True, torch.float16, "in_out", None, False),
+    (65, 130, 127, None, False, torch.float16, "out_in", (13, 5), True),
+    (768, 65, 7, "gelu", True, torch.float32, "in_out", (2, 384), True),
+    (7, 7, 3073, "relu", True, torch.float32, "out_in", None, False),
+]
+
+
+def _run_linear_case(M, K, N, act, bias, dtype, layout, lead, noncontig, backend, recompute=False):
+    lead = lead or (M,)
+    x = torch.randn(*lead, K, device=DEVICE).to(dtype)
+    if noncontig:
+        x = _noncontig(x)
+    x.requires_grad_()
+    w, b = _weights(K, N, dtype, layout, bias)
+    y = fastformer.linear(x, w, b, act, weight_layout=layout, recompute=recompute, backend=backend)
+    g = torch.randn(*lead, N, device=DEVICE).to(dtype)
+    if noncontig:
+        g = _noncontig(g)
+    ours = [y, *_grads(y, [x, w, b], g)]
+    pt_y = ffn.reference_linear(x, w, b, act, layout)
+    pt = [pt_y, *_grads(pt_y, [x, w, b], g)]
+    x64, w64, b64 = _as64([x, w, b])
+    ref_y = ffn.reference_linear(x64, w64, b64, act, layout)
+    ref = [ref_y, *_grads(ref_y, [x64, w64, b64], g.double())]
+    for name, o, r, p in zip(["out", "dx", "dw", "db"], ours, ref, pt, strict=False):
+        assert o.dtype == dtype and o.shape == r.shape
+        assert_close_2x(name, o, r, p)
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-{c[3]}-{str(c[5])[6:]}-{c[6]}")
+def test_linear_triton_vs_float64(case):
+    _run_linear_case(*case, backend="triton")
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_linear_every_activation(act, bias, backend):
+    _run_linear_case(33, 65, 127, act, bias, torch.float32, "out_in", (3, 11), True, backend, recompute=act == "gelu")
+
+
+# (M, d, d_ff, activation, dtype, layout, dropout_p, recompute, backend)
+FFN_CASES = [
+    (65, 7, 130, "gelu", torch.float32, "out_in", 0.0, False, "triton"),
+    (7, 127, 65, "gelu_tanh", torch.float16, "in_out", 0.2, False, "triton"),
+    (130, 65, 7, "relu", torch.float32, "out_in", 0.5, True, "triton"),
+    (1, 65, 768, None, torch.float32, "in_out", 0.1, True, "triton"),
+    (65, 7, 130, "gelu", torch.float16, "out_in", 0.3, False, "torch"),
+    (127, 65, 7, "gelu_tanh", torch.float32, "in_out", 0.0, True, "torch"),
+]
+
+
+@pytest.mark.parametrize("case", FFN_CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}-{c[3]}-p{c[6]}-{c[8]}")
+def test_feed_forward_vs_float64(case):
+    M, d, d_ff, act, dtype, layout, p, recompute, backend = case
+    x = _noncontig(torch.randn(M, d, device=DEVICE).to(dtype)).requires_grad_()
+    w1, b1 = _weights(d, d_ff, dtype, layout, True)
+    w2, b2 = _weights(d_ff, d, dtype, layout, True)
+    params = [x, w1, b1, w2, b2]
+    torch.manual_seed(123)
+    out = fastformer.feed_forward(*params, act, p, weight_layout=layout, recompute=recompute, backend=backend)
+    torch.manual_seed(123)
+    seed_t = utils.dropout_seed(p)
+    seed = int(seed_t) if seed_t is not None else None
+    g = _noncontig(torch.randn(M, d, device=DEVICE).to(dtype))
+    ours = [out, *_grads(out, params, g)]
+    pt_out = ffn.reference_feed_forward(*params, act, p, seed, layout)
+    pt = [pt_out, *_grads(pt_out, params, g)]
+    p64 = _as64(params)
+    ref_out = ffn.reference_feed_forward(*p64, act, p, seed, layout)
+    ref = [ref_out, *_grads(ref_out, p64, g.double())]
+    for name, o, r, q in zip(["out", "dx", "dw1", "db1", "dw2", "db2"], ours, ref, pt, strict=True):
+        assert_close_2x(name, o, r, q)
+
+
+def test_gelu_exact_against_torch_and_transformers():
+    from transformers.activations import NewGELUActivation
+
+    x = torch.cat([torch.linspace(-12, 12, 97), torch.randn(64) * 3]).to(DEVICE).view(1, -1)
+    eye = torch.eye(x.shape[1], device=DEVICE)  # x @ I is exact in fp32 (ieee dot), so only the epilogue differs
+    for act, ref in [
+        ("gelu", F.gelu(x)),
+        ("gelu_tanh", F.gelu(x, approximate="tanh")),
+        ("gelu_tanh", NewGELUActivation()(x)),
+        ("relu", torch.relu(x)),
+    ]:
+        for backend in ("triton", "torch"):
+            xx = x.clone().requires_grad_()
+            y = fastformer.linear(xx, eye, None, act, backend=backend)
+            torch.testing.assert_close(y, ref, atol=2e-6, rtol=2e-6, msg=f"{act} {backend}")
+            # the derivative used by backward against autograd through torch's own activation
+            (dx,) = torch.autograd.grad(y.sum(), xx)
+            x64 = x.double().requires_grad_()
+            (dref,) = torch.autograd.grad(ffn.act_fn(x64, act).sum(), x64)
+            torch.testing.assert_close(dx.double(), dref, atol=2e-6, rtol=2e-6, msg=f"d{act} {backend}")
+
+
+def _identity_ffn(p: float, backend: str, seed: int = 7):
+    """feed_forward with W1 = W2 = I and no activation: the output is exactly the dropped hidden activation."""
+    n = 64
+    x = (torch.rand(48, n, generator=torch.Generator().manual_seed(0)) + 0.5).to(DEVICE)
+    eye = torch.eye(n, device=DEVICE)
+    torch.manual_seed(seed)  # the dropout seed is drawn from torch's default generator
+    return x, fastformer.feed_forward(x, eye, None, eye, None, None, p, backend=backend)
+
+
+def test_dropout_reproducible_binomial_and_backends_agree():
+    p = 0.3
+    x, a = _identity_ffn(p, "triton")
+    _, b = _identity_ffn(p, "triton")
+    assert torch.equal(a, b), "same seed must give the same output"
+    _, c = _identity_ffn(p, "triton", seed=8)
+    assert not torch.equal(a == 0, c == 0), "a different seed must give a different mask"
+    _, t = _identity_ffn(p, "torch")
+    assert torch.equal(a == 0, t == 0), "triton and torch backends draw different masks for one seed"
+    torch.testing.assert_close(a, t)
+    kept = a != 0
+    torch.testing.assert_close(a[kept], x[kept] / (1 - p))
+    n = kept.numel()
+    mean, std = n * (1 - p), (n * p * (1 - p)) ** 0.5
+    assert abs(kept.sum().item() - mean) < 5 * std, f"kept {kept.sum().item()} of {n}, expected ~{mean:.0f}"
+
+
+def test_dropout_p0_is_exactly_no_dropout():
+    x = torch.randn(9, 65, device=DEVICE)
+    w1, b1 = _weights(65, 130, torch.float32, "out_in", True)
+    w2, b2 = _weights(130, 65, torch.float32, "out_in", True)
+    out = fastformer.feed_forward(x, w1, b1, w2, b2, "gelu", 0.0, backend="triton")
+    two = fastformer.linear(fastformer.linear(x, w1, b1, "gelu", backend="triton"), w2, b2, backend="triton")
+    assert torch.equal(out, two)
+
+
+def test_feed_forward_module_matches_two_linears():
+    torch.manual_seed(1)
+    m = fastformer.nn.FeedForward(65, 130, activation="gelu_tanh", backend="triton").to(DEVICE)
+    ref = torch.nn.Module()
+    ref.fc1, ref.fc2 = torch.nn.Linear(65, 130), torch.nn.Linear(130, 65)
+    ref.to(DEVICE)
+    assert list(m.state_dict()) == list(ref.state_dict())
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 7, 65, device=DEVICE)
+    want = ref.fc2(F.gelu(ref.fc1(x), approximate="tanh"))
+    torch.testing.assert_close(m(x), want, atol=1e-5, rtol=1e-5)
+    m_drop = fastformer.nn.FeedForward(65, 130, dropout=0.5).to(DEVICE)
+    m_drop.load_state_dict(ref.state_dict())
+    m_drop.eval()
+    torch.testing.assert_close(m_drop(x), fastformer.feed_forward(x, *ref.state_dict().values(), "gelu"))
+
+
+def test_empty_input():
+    x = torch.randn(0, 7, device=DEVICE, requires_grad=True)
+    w, b = _weights(7, 5, torch.float32, "out_in", True)
+    y = fastformer.linear(x, w, b, "gelu", backend="triton")
+    assert y.shape == (0, 5)
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+def _good():
+    x = torch.randn(4, 8)
+    return dict(x=x, w1=torch.randn(16, 8), b1=torch.randn(16), w2=torch.randn(8, 16), b2=torch.randn(8))
+
+
+@pytest.mark.parametrize(
+    "change, exc, match",
+    [
+        (dict(w1=torch.randn(16, 9)), ValueError, "w1 has in_features 9"),
+        (dict(w2=torch.randn(8, 15)), ValueError, "w2 has in_features 15"),
+        (dict(b1=torch.randn(15)), ValueError, r"b1 must have shape \(16,\)"),
+        (dict(b2=torch.randn(8, 1)), ValueError, r"b2 must have shape \(8,\)"),
+        (dict(activation="swish"), ValueError, "activation: unknown activation 'swish'"),
+        (dict(x=torch.ones(4, 8, dtype=torch.int64)), TypeError, "x must have a floating dtype"),
+        (dict(w1=torch.randn(16, 8, dtype=torch.float16)), TypeError, "w1 has dtype torch.float16"),
+        (dict(b2=torch.randn(8, dtype=torch.float64)), TypeError, "b2 must have a floating dtype"),
+        (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
+        (dict(dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\)"),
+        (dict(weight_layout="oi"), ValueError, "weight_layout must be one of"),
+    ],
+)
+def test_feed_forward_bad_input(change, exc, match, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("a kernel ran before validation")
+
+    for name in ffn._IMPL["ffn_fwd"]:
+        monkeypatch.setitem(ffn._IMPL["ffn_fwd"], name, boom)
+    args = {**_good(), "activation": "gelu", "dropout_p": 0.0, **change}
+    layout = args.pop("weight_layout", "out_in")
+    with pytest.raises(exc, match=match):
+        fastformer.feed_forward(**args, weight_layout=layout, backend="torch")
+
+
+@pytest.mark.parametrize(
+    "x, w, b, act, exc, match",
+    [
+        (torch.randn(3, 8), torch.randn(5, 7), None, None, ValueError, "weight has in_features 7"),
+        (torch.randn(3, 8), torch.randn(5, 8), torch.randn(4), None, ValueError, r"bias must have shape \(5,\)"),
+        (torch.randn(3, 8), torch.randn(5, 8), None, "tanh", ValueError, "activation: unknown activation"),
+        (torch.randn(3, 8), torch.randn(5, 8), None, 3, TypeError, "activation must be None or a str"),
+        (torch.ones(3, 8, dtype=torch.int32), torch.randn(5, 8), None, None, TypeError, "x must have a floating"),
+        (torch.randn(3, 8), torch.randn(5, 8).half(), None, None, TypeError, "weight has dtype torch.float16"),
+        (torch.randn(3, 8), torch.randn(5, 8, 1), None, None, ValueError, "weight must be 2-D"),
+    ],
+)
+def test_linear_bad_input(x, w, b, act, exc, match):
+    with pytest.raises(exc, match=match):
+        fastformer.linear(x, w, b, act, backend="torch")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck(backend):
+    x = torch.randn(5, 7, device=DEVICE, requires_grad=True)
+    w1 = torch.randn(9, 7, device=DEVICE, requires_grad=True)
+    b1 = torch.randn(9, device=DEVICE, requires_grad=True)
+    w2 = torch.randn(7, 9, device=DEVICE, requires_grad=True)
+    seed = torch.tensor(1234, dtype=torch.int64)
+    torch.library.opcheck(torch.ops.fastformer.linear_fwd.default, (x, w1, b1, "gelu", False, 0.0, None, True, backend))
+    torch.library.opcheck(
+        torch.ops.fastformer.ffn_fwd.default, (x, w1, b1, w2, None, "gelu_tanh", False, 0.25, seed, True, backend)
+    )
+    # permuted-dense input and the Conv1D layout
+    xt = torch.randn(7, 5, device=DEVICE).t().requires_grad_()
+    w_io = torch.randn(7, 9, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(
+        torch.ops.fastformer.linear_fwd.default, (xt, w_io, None, "relu", True, 0.0, None, False, backend)
+    )
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torch_compile_fullgraph(backend):
+    x = torch.randn(2, 5, 7, device=DEVICE, requires_grad=True)
+    w1, b1 = _weights(7, 9, torch.float32, "out_in", True)
+    w2, b2 = _weights(9, 7, torch.float32, "out_in", True)
+
+    def f(x, w1, b1, w2, b2):
+        h = fastformer.feed_forward(x, w1, b1, w2, b2, "gelu", 0.0, backend=backend)
+        return fastformer.linear(h, w1, b1, "relu", backend=backend)
+
+    # aot_eager traces forward and backward like inductor does, without minutes of CPU codegen
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    params = [x, w1, b1, w2, b2]
+    y = compiled(*params)
+    want = f(*params)
+    torch.testing.assert_close(y, want)
+    g = torch.randn_like(y)
+    for a, b in zip(_grads(y, params, g), _grads(want, params, g), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("act", ACTS)
+def test_bf16_and_cuda_backend_gpu(backend, act):
+    for M, K, N in [(127, 768, 3073), (3073, 130, 65), (1, 65, 7)]:
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            _run_linear_case(M, K, N, act, True, dtype, "out_in", None, True, backend)
+            _run_linear_case(M, K, N, act, False, dtype, "in_out", None, False, backend, recompute=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_feed_forward_gpu_backends_agree(backend):
+    assert HAS_GPU
+    for p in (0.0, 0.1):
+        _, a = _identity_ffn(p, backend)
+        _, t = _identity_ffn(p, "torch")
+        assert torch.equal(a == 0, t == 0)
+        torch.testing.assert_close(a, t)
+    for case in FFN_CASES:
+        for dtype in (torch.bfloat16, torch.float16):
+            test_feed_forward_vs_float64((*case[:4], dtype, *case[5:8], backend))
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_backward_keeps_at_most_input_and_pre_activation(recompute):
+    M, d, d_ff = 6, 8, 40
+    x = torch.randn(M, d, device=DEVICE, requires_grad=True)
+    w1, b1 = _weights(d, d_ff, torch.float32, "out_in", True)
+    w2, b2 = _weights(d_ff, d, torch.float32, "out_in", True)
+    wide = []
+
+    def pack(t):
+        if t.shape == (M, d_ff):
+            wide.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fastformer.feed_forward(x, w1, b1, w2, b2, "gelu", 0.1, recompute=recompute, backend="triton")
+    # only the pre-activation may be kept (never h or a mask), and nothing wide with recompute=True
+    assert len(wide) == (0 if recompute else 1)
+    out.sum().backward()
+    assert x.grad is not None and w1.grad is not None and b2.grad is not None
