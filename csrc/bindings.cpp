@@ -2,6 +2,7 @@
 // every function takes integers (pointers, sizes, dtype codes, stream) and raises RuntimeError on
 // any CUDA error. Python (fastformer/ops/*.py) validates inputs before calling in.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>  // std::vector<int64_t> dims/strides of attention
 
 #include "ops.h"
 
@@ -16,4 +17,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("layer_norm_bwd", &ff::layer_norm_bwd, "LayerNorm(dropout(x) + residual) backward");
   m.def("ffn_bias_act_fwd", &ff::ffn_bias_act_fwd, "y = dropout(act(z + bias)) around a cuBLAS GEMM");
   m.def("ffn_act_bwd", &ff::ffn_act_bwd, "g *= act'(pre) * dropout mask in place, optionally h = dropout(act(pre))");
+  m.def("attention_fwd", &ff::attention_fwd, "fused attention forward: out and fp32 logsumexp");
+  m.def("attention_bwd", &ff::attention_bwd, "fused attention backward: delta, dK/dV, dQ");
 }

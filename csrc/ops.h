@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace fastformer {
 
@@ -27,5 +28,18 @@ void ffn_bias_act_fwd(uintptr_t z, uintptr_t bias, uintptr_t y, int store_pre, i
 // g <- g * act'(pre) * keep/(1-p) in place; if h != 0, h = act(pre) * keep/(1-p).
 void ffn_act_bwd(uintptr_t g, uintptr_t pre, uintptr_t h, int64_t rows, int64_t cols, int act, uint64_t seed, double p,
                  uint32_t thresh24, int dtype, uintptr_t stream);
+
+// attention.cu: fused attention (layout and conventions in fastformer/ops/attention.py).
+// dims = [B, H, Hkv, Sq, Sk, D, drop_stride, varlen] (Sq/Sk are maxima when varlen); strides = (b, s, h) triples of
+// q, k, v, then lse (b, h), mask (b, k), then out (forward) or do, out, dq, dk, dv (backward).
+// mask: uint8 (B, Sk) or 0; cu_q/cu_k: int32 (B + 1) or 0.
+void attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t mask,
+                   uintptr_t cu_q, uintptr_t cu_k, const std::vector<int64_t>& dims,
+                   const std::vector<int64_t>& strides, bool causal, double scale, uint64_t seed, double p,
+                   uint32_t thresh24, int dtype, uintptr_t stream);
+void attention_bwd(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
+                   uintptr_t delta, uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t mask, uintptr_t cu_q,
+                   uintptr_t cu_k, const std::vector<int64_t>& dims, const std::vector<int64_t>& strides, bool causal,
+                   double scale, uint64_t seed, double p, uint32_t thresh24, int dtype, uintptr_t stream);
 
 }  // namespace fastformer

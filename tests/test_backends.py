@@ -67,6 +67,7 @@ needs_nvcc = pytest.mark.skipif(_build.find_nvcc() is None, reason="nvcc is not 
 def test_extension_builds_imports_and_exports_its_functions():
     mod = _ext.load()
     expected = {"cuda_runtime_version", "cuda_device_count", "layer_norm_fwd", "layer_norm_bwd"}
+    expected |= {"attention_fwd", "attention_bwd", "ffn_bias_act_fwd", "ffn_act_bwd"}
     assert expected <= set(dir(mod))
     assert mod.cuda_runtime_version() >= 12000
     assert mod.cuda_device_count() == torch.cuda.device_count()

@@ -1,0 +1,262 @@
+"""Attention benchmark: fused forward and forward+backward against every torch SDPA backend.
+
+TFLOP/s use flash-attn's convention: forward 4·B·H·Sq·Sk·D (halved when causal), backward 2.5× forward, so
+forward+backward is 3.5× forward. Shapes follow flash-attn's grid: 16k tokens per batch (B = 16384 / S),
+model width 2048 (H = 2048 / D), head dims 64 and 128, seqlen 512 to 16k, causal and not. Peers, measured in the
+same run on the same inputs (each in its native layout): torch SDPA forced to flash, efficient, cuDNN, and the
+math path where its S×S matrices fit. Also: BERT-style padded batches (S = 512, 30-70% padding) through the
+key-padding-mask path and through unpad -> varlen -> pad (TFLOP/s counted on real tokens only), and
+single-query decoding over a long KV cache (split-KV path, GB/s of K/V read). ``--quick`` runs a few shapes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from fastformer.benchmarks import common
+
+import fastformer
+
+_SDPA = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION"}
+
+
+def _sdpa_peer(name: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, _SDPA[name] if name in _SDPA else "MATH")
+
+    def run(q, k, v, **kw):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, **kw)
+
+    return run
+
+
+def _flops(b: int, h: int, sq: int, sk: int, d: int, causal: bool, mode: str) -> float:
+    f = 4.0 * b * h * sq * sk * d / (2 if causal else 1)
+    return f * (3.5 if mode == "fwd+bwd" else 1.0)
+
+
+def _time(fn, inputs, mode: str) -> float | None:
+    """Median ms of fn(*inputs) (forward) or of forward + backward; None if this peer cannot run the case."""
+    try:
+        if mode == "fwd":
+            with torch.no_grad():
+                fn(*inputs)
+                return common.bench(lambda: fn(*inputs))
+        out = fn(*inputs)
+        g = torch.randn_like(out)
+        leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+
+        def step():
+            torch.autograd.grad(fn(*inputs), leaves, g)
+
+        step()
+        return common.bench(step)
+    except (RuntimeError, ValueError, torch.OutOfMemoryError) as e:  # a peer that refuses this shape is skipped
+        if "out of memory" in str(e).lower():
+            torch.cuda.empty_cache()
+        return None
+
+
+def _ours(backends: list[str]) -> dict:
+    return {
+        f"fastformer-{b}": (
+            lambda q, k, v, causal, mask=None, _b=b: fastformer.attention(
+                q, k, v, causal=causal, key_padding_mask=mask, backend=_b
+            )
+        )
+        for b in backends
+    }
+
+
+def _dense_rows(dev, dtype, args, backends: list[str]) -> list[dict]:
+    peak = common.peaks()["matmul_tflops"]
+    if dev.type != "cuda":
+        shapes = [(64, 32, False), (64, 32, True)]
+        tokens, width = 256, 64
+    elif args.quick:
+        shapes = [(s, 128, c) for s in (2048, 8192) for c in (False, True)]
+        tokens, width = 16384, 2048
+    else:
+        shapes = [(s, d, c) for d in (64, 128) for s in (512, 1024, 2048, 4096, 8192, 16384) for c in (False, True)]
+        tokens, width = 16384, 2048
+    rows = []
+    for s, d, causal in shapes:
+        b, h = max(1, tokens // s), width // d
+        q, k, v = (torch.randn(b, s, h, d, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+        qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+        # the CUDA C++ kernels are a simple scalar reference: time them only where they finish quickly
+        ours = [be for be in backends if be != "cuda" or s <= 4096]
+        provs = {n: (f, (q, k, v, causal)) for n, f in _ours(ours).items()}
+        if dev.type == "cuda":
+            for name in _SDPA:
+                provs[name] = (
+                    lambda a, b_, c, _f=_sdpa_peer(name), _c=causal: _f(a, b_, c, is_causal=_c),
+                    (qt, kt, vt),
+                )
+            if b * h * s * s * 4 <= 8 << 30:  # math materialises fp32 S×S scores (and more for backward)
+                provs["sdpa-math"] = (
+                    lambda a, b_, c, _f=_sdpa_peer("math"), _c=causal: _f(a, b_, c, is_causal=_c),
+                    (qt, kt, vt),
+                )
+        else:
+            provs["sdpa"] = (
+                lambda a, b_, c, _c=causal: F.scaled_dot_product_attention(a, b_, c, is_causal=_c),
+                (qt, kt, vt),
+            )
+        for mode in ("fwd", "fwd+bwd"):
+            times = {n: _time(f, inp, mode) for n, (f, inp) in provs.items()}
+            sdpa = [t for n, t in times.items() if n.startswith("sdpa") and t is not None]
+            best = min(sdpa) if sdpa else None
+            for name, ms in times.items():
+                if ms is None:
+                    continue
+                tf = _flops(b, h, s, s, d, causal, mode) / ms / 1e9
+                row = {
+                    "case": "dense",
+                    "seqlen": s,
+                    "d": d,
+                    "B": b,
+                    "H": h,
+                    "causal": causal,
+                    "mode": mode,
+                    "provider": name,
+                    "ms": ms,
+                    "TFLOP/s": tf,
+                    "%matmul": 100 * tf / peak,
+                }
+                if best is not None:
+                    row["vs best sdpa"] = best / ms
+                rows.append(row)
+        del q, k, v, qt, kt, vt
+    return rows
+
+
+def _padded_rows(dev, dtype, args, backends: list[str]) -> list[dict]:
+    """BERT-base attention (H 12, D 64) on a padded S = 512 batch with 30-70% padding per sequence."""
+    peak = common.peaks()["matmul_tflops"]
+    b, s, h, d = (32, 512, 12, 64) if dev.type == "cuda" else (4, 64, 2, 32)
+    if args.quick and dev.type == "cuda":
+        b = 16
+    g = torch.Generator().manual_seed(0)
+    lens = (s * (0.3 + 0.4 * torch.rand(b, generator=g))).long().clamp(min=1).to(dev)
+    mask = torch.arange(s, device=dev)[None] < lens[:, None]  # (B, S) True = real token
+    useful = sum(4.0 * h * n * n * d for n in lens.tolist())
+    qkv = torch.randn(b, s, 3, h, d, device=dev, dtype=dtype, requires_grad=True)
+    qkv_t = qkv.detach().permute(2, 0, 3, 1, 4).contiguous().requires_grad_()  # (3, B, H, S, D)
+    sdpa_mask = mask[:, None, None, :]
+
+    def via_mask(x, _b):
+        q, k, v = x.unbind(2)
+        return fastformer.attention(q, k, v, key_padding_mask=mask, backend=_b)
+
+    def via_varlen(x, _b):
+        xu, idx, cu, max_s = fastformer.unpad_input(x, mask)
+        q, k, v = xu.unbind(1)
+        return fastformer.pad_input(fastformer.attention_varlen(q, k, v, cu, cu, max_s, max_s, backend=_b), idx, b, s)
+
+    provs = {}
+    for be in backends:
+        provs[f"fastformer-{be} mask"] = (lambda x, _b=be: via_mask(x, _b), (qkv,))
+        provs[f"fastformer-{be} varlen"] = (lambda x, _b=be: via_varlen(x, _b), (qkv,))
+    names = [n for n in ("sdpa-efficient", "sdpa-cudnn", "sdpa-math") if dev.type == "cuda"] or ["sdpa"]
+    for name in names:
+        f = _sdpa_peer(name) if dev.type == "cuda" else F.scaled_dot_product_attention
+        provs[name] = (lambda x, _f=f: _f(x[0], x[1], x[2], attn_mask=sdpa_mask), (qkv_t,))
+    rows = []
+    for mode in ("fwd", "fwd+bwd"):
+        times = {n: _time(fn, inp, mode) for n, (fn, inp) in provs.items()}
+        sdpa = [t for n, t in times.items() if n.startswith("sdpa") and t is not None]
+        best = min(sdpa) if sdpa else None
+        for name, ms in times.items():
+            if ms is None:
+                continue
+            tf = useful * (3.5 if mode == "fwd+bwd" else 1.0) / ms / 1e9
+            row = {
+                "case": "bert-padded",
+                "seqlen": s,
+                "d": d,
+                "B": b,
+                "H": h,
+                "causal": False,
+                "mode": mode,
+                "provider": name,
+                "ms": ms,
+                "TFLOP/s": tf,
+                "%matmul": 100 * tf / peak,
+                "pad%": round(100 * (1 - mask.float().mean().item())),
+            }
+            if best is not None:
+                row["vs best sdpa"] = best / ms
+            rows.append(row)
+    return rows
+
+
+def _decode_rows(dev, dtype, args, backends: list[str]) -> list[dict]:
+    """One query token per sequence against a long KV cache (GPT decoding with GQA 32:8, D 128)."""
+    copy = common.peaks()["copy_gbps"]
+    if dev.type != "cuda":
+        cases = [(1, 256, 2, 2, 32)]
+    elif args.quick:
+        cases = [(1, 16384, 32, 8, 128)]
+    else:
+        cases = [(1, 4096, 32, 8, 128), (1, 32768, 32, 8, 128), (16, 4096, 32, 8, 128)]
+    rows = []
+    for b, sk, h, hkv, d in cases:
+        q = torch.randn(b, 1, h, d, device=dev, dtype=dtype)
+        k, v = (torch.randn(b, sk, hkv, d, device=dev, dtype=dtype) for _ in range(2))
+        kv_bytes = 2 * k.numel() * k.element_size()
+        provs = {n: (f, (q, k, v, True)) for n, f in _ours(backends).items()}
+        qt = q.transpose(1, 2).contiguous()
+        kt, vt = (t.transpose(1, 2).repeat_interleave(h // hkv, 1).contiguous() for t in (k, v))
+        peers = ["sdpa-flash", "sdpa-efficient", "sdpa-cudnn"] if dev.type == "cuda" else []
+        for name in peers:
+            provs[name] = (lambda a, b_, c, _f=_sdpa_peer(name): _f(a, b_, c), (qt, kt, vt))
+        if dev.type != "cuda":
+            provs["sdpa"] = (lambda a, b_, c: F.scaled_dot_product_attention(a, b_, c), (qt, kt, vt))
+        times = {n: _time(f, inp, "fwd") for n, (f, inp) in provs.items()}
+        for name, ms in times.items():
+            if ms is None:
+                continue
+            gbps = kv_bytes / ms / 1e6
+            rows.append(
+                {
+                    "case": "decode",
+                    "seqlen": sk,
+                    "d": d,
+                    "B": b,
+                    "H": h,
+                    "causal": True,
+                    "mode": "fwd",
+                    "provider": name,
+                    "ms": ms,
+                    "GB/s": gbps,
+                    "%copy": 100 * gbps / copy,
+                }
+            )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
+    dev = common.device()
+    dtype = getattr(torch, args.dtype) if dev.type == "cuda" else torch.float32
+    if args.quick and dev.type == "cuda":
+        # one heuristic config per kernel instead of autotuning: keeps the GPU check's attention part short
+        os.environ.setdefault("FASTFORMER_AUTOTUNE", "0")
+    avail = fastformer.available_backends(dev)
+    # on CPU only the torch path is timed: the interpreter is a correctness tool, not a speed peer
+    backends = [b for b in ("triton", "cuda") if b in avail and dev.type == "cuda"] or ["torch"]
+    if args.quick and "cuda" in backends:
+        backends.remove("cuda")  # the CUDA C++ kernels are a simple reference, far from the fast path
+    rows = _dense_rows(dev, dtype, args, backends)
+    rows += _padded_rows(dev, dtype, args, backends)
+    rows += _decode_rows(dev, dtype, args, backends)
+    return common.finish("attention", rows, args)
+
+
+if __name__ == "__main__":
+    main()
