@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -156,11 +157,21 @@ def _check_cu(cu: torch.Tensor, name: str, q: torch.Tensor) -> None:
         raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
 
 
+# cu_seqlens tensors already checked, with their version counter and the bounds they were checked against:
+# a model passes one tensor through every layer, so its values are read back once per forward, not per layer
+# (keyed by id with a weak reference: a WeakKeyDictionary would compare tensors with ==)
+_CHECKED_CU: dict[int, tuple[weakref.ref, tuple[int, int, int]]] = {}
+
+
 def _check_cu_values(cu: torch.Tensor, name: str, total: int, max_seqlen: int, max_name: str) -> None:
     # one small host read; skipped while tracing (torch.compile) where values are unknown
     if torch.compiler.is_compiling() or cu.numel() < 2:
         if cu.numel() == 1 and not torch.compiler.is_compiling() and int(cu[0]) != 0:
             raise ValueError(f"{name}[0] must be 0")
+        return
+    key = (cu._version, total, max_seqlen)
+    seen = _CHECKED_CU.get(id(cu))
+    if seen is not None and seen[0]() is cu and seen[1] == key:
         return
     lens = cu[1:] - cu[:-1]
     first, last, lo, hi = torch.stack([cu[0], cu[-1], lens.min(), lens.max()]).tolist()
@@ -170,6 +181,7 @@ def _check_cu_values(cu: torch.Tensor, name: str, total: int, max_seqlen: int, m
         raise ValueError(f"{name}[-1] = {last} exceeds the {total} packed tokens")
     if hi > max_seqlen:
         raise ValueError(f"{max_name} = {max_seqlen} is smaller than the longest sequence ({hi}) in {name}")
+    _CHECKED_CU[id(cu)] = (weakref.ref(cu, lambda _, i=id(cu): _CHECKED_CU.pop(i, None)), key)
 
 
 def attention_varlen(

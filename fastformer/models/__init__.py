@@ -1,0 +1,21 @@
+"""GPT-2 and BERT on fastformer's fused ops, loading Hugging Face weights; see gpt.py, bert.py, loading.py."""
+
+from fastformer.models.bert import (
+    BertForMaskedLM,
+    BertForPreTraining,
+    BertForSequenceClassification,
+    BertModel,
+)
+from fastformer.models.config import BertConfig, GPTConfig
+from fastformer.models.gpt import GPT, KVCache
+
+__all__ = [
+    "GPT",
+    "BertConfig",
+    "BertForMaskedLM",
+    "BertForPreTraining",
+    "BertForSequenceClassification",
+    "BertModel",
+    "GPTConfig",
+    "KVCache",
+]

@@ -1,0 +1,341 @@
+"""BERT on fastformer's fused ops: BertModel, BertForPreTraining, BertForMaskedLM, BertForSequenceClassification.
+
+Post-LayerNorm encoder blocks (``h = LN(h + drop(sublayer(h)))``, one fused op per sublayer), learned
+positions plus token-type embeddings, a tanh pooler over the first token.
+
+With an ``attention_mask`` the encoder runs unpadded: padding is dropped once, from the token ids
+(``unpad_input``); the embeddings and every layer work on the packed (N, C) real tokens, attention with
+``attention_varlen``, and outputs are scattered back to (B, S, ...) at the end (``pad_input``; padding
+positions hold zeros). A padded batch therefore costs work in proportion to its real tokens. The MLM
+head also runs on packed tokens, so labels at padding positions are ignored.
+
+Forward keyword names match ``transformers`` so that a tokenizer's output can be passed as ``**batch``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from fastformer.models.config import BertConfig, autocast_dtype, cast, check_ids, check_mask
+from fastformer.models.loading import HFLoadable
+from fastformer.ops.attention import attention, attention_varlen, pad_input, unpad_input
+from fastformer.ops.ffn import feed_forward, linear
+from fastformer.ops.layer_norm import dropout_add_layer_norm, layer_norm
+
+
+@dataclass
+class BertModelOutput:
+    last_hidden_state: Tensor  # (B, S, C)
+    pooler_output: Tensor | None = None  # (B, C)
+
+
+@dataclass
+class BertForPreTrainingOutput:
+    prediction_logits: Tensor  # (B, S, V)
+    seq_relationship_logits: Tensor  # (B, 2)
+    loss: Tensor | None = None  # mlm_loss + nsp_loss (the terms present)
+    mlm_loss: Tensor | None = None
+    nsp_loss: Tensor | None = None
+
+
+@dataclass
+class MaskedLMOutput:
+    logits: Tensor  # (B, S, V)
+    loss: Tensor | None = None
+
+
+@dataclass
+class SequenceClassifierOutput:
+    logits: Tensor  # (B, num_labels)
+    loss: Tensor | None = None
+
+
+class Packing(NamedTuple):
+    """Where the real tokens of a padded (B, S) batch sit once packed into (N, ...)."""
+
+    indices: Tensor  # (N,) flat positions in B * S
+    cu_seqlens: Tensor  # (B + 1,) int32 prefix sums of the sequence lengths
+    max_seqlen: int
+    batch: int
+    seqlen: int
+
+    def pad(self, x: Tensor) -> Tensor:
+        """(N, ...) -> (B, S, ...) with zeros at padding positions."""
+        return pad_input(x, self.indices, self.batch, self.seqlen)
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)  # HF's query, key, value in one GEMM
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, h: Tensor, cu_seqlens: Tensor | None = None, max_seqlen: int = 0) -> Tensor:
+        """h: (N, C) packed tokens when cu_seqlens is given, else (B, S, C) without padding."""
+        cfg = self.config
+        nh, hs = cfg.num_attention_heads, cfg.head_dim
+        p = cfg.attention_probs_dropout_prob if self.training else 0.0
+        qkv = linear(h, cast(self.qkv.weight, h), cast(self.qkv.bias, h), backend=cfg.backend)  # (..., 3C)
+        q, k, v = qkv.unflatten(-1, (3, nh, hs)).unbind(-3)  # each (N, nh, hs) or (B, S, nh, hs)
+        if cu_seqlens is not None:
+            cu, n = cu_seqlens, max_seqlen
+            y = attention_varlen(q, k, v, cu, cu, n, n, dropout_p=p, backend=cfg.backend)  # (N, nh, hs)
+        else:
+            y = attention(q, k, v, dropout_p=p, backend=cfg.backend)  # (B, S, nh, hs)
+        y = y.flatten(-2)
+        return linear(y, cast(self.proj.weight, y), cast(self.proj.bias, y), backend=cfg.backend)  # (..., C)
+
+
+class BertLayer(nn.Module):
+    """Post-LN block: h = LN1(h + drop(attn(h))); h = LN2(h + drop(mlp(h)))."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.attn = BertSelfAttention(config)
+        self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.fc = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.proj = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, h: Tensor, cu_seqlens: Tensor | None = None, max_seqlen: int = 0) -> Tensor:
+        """h: (N, C) or (B, S, C) -> same shape."""
+        cfg = self.config
+        p, eps, be = (cfg.hidden_dropout_prob if self.training else 0.0), cfg.layer_norm_eps, cfg.backend
+        a = self.attn(h, cu_seqlens, max_seqlen)
+        h, _ = dropout_add_layer_norm(a, h, self.ln_1.weight, self.ln_1.bias, p=p, eps=eps, backend=be)
+        w1, b1, w2, b2 = (cast(t, h) for t in (self.fc.weight, self.fc.bias, self.proj.weight, self.proj.bias))
+        m = feed_forward(h, w1, b1, w2, b2, cfg.act, backend=be)
+        h, _ = dropout_add_layer_norm(m, h, self.ln_2.weight, self.ln_2.bias, p=p, eps=eps, backend=be)
+        return h
+
+
+def _init_weights(module: nn.Module, std: float) -> None:
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+        with torch.no_grad():
+            module.weight[module.padding_idx].zero_()
+
+
+class BertModel(HFLoadable, nn.Module):
+    """The BERT encoder. ``forward(input_ids, attention_mask, token_type_ids, position_ids) -> BertModelOutput``."""
+
+    config_class = BertConfig
+
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        C = config.hidden_size
+        self.wte = nn.Embedding(config.vocab_size, C, padding_idx=config.pad_token_id)
+        self.wpe = nn.Embedding(config.max_position_embeddings, C)
+        self.wtt = nn.Embedding(config.type_vocab_size, C)  # token types (segment A / B)
+        self.ln_emb = nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.h = nn.ModuleList([BertLayer(config) for _ in range(config.num_hidden_layers)])
+        self.pooler = nn.Linear(C, C) if add_pooling_layer else None
+        self.apply(lambda m: _init_weights(m, config.initializer_range))
+
+    def encode(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> tuple[Tensor, Packing | None]:
+        """Final hidden states, packed (N, C) with their Packing when attention_mask is given, else (B, S, C)."""
+        cfg = self.config
+        check_ids(input_ids, "input_ids", cfg.vocab_size, cfg.max_position_embeddings)
+        mask = check_mask(attention_mask, "attention_mask", input_ids)
+        B, S = input_ids.shape
+        for name, ids, n in (("token_type_ids", token_type_ids, cfg.type_vocab_size),
+                             ("position_ids", position_ids, cfg.max_position_embeddings)):  # fmt: skip
+            if ids is not None:
+                check_ids(ids, name, n)
+                if ids.shape not in ((B, S), (1, S)):
+                    raise ValueError(f"{name} must have shape {(B, S)} or {(1, S)}, got {tuple(ids.shape)}")
+        if position_ids is None:
+            position_ids = torch.arange(S, device=input_ids.device)
+        position_ids = position_ids.expand(B, S)
+        token_type_ids = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids.expand(B, S)
+        packing = None
+        if mask is not None:
+            # pack the real tokens first: the embeddings and every layer see (N, ...) only
+            input_ids, indices, cu_seqlens, max_seqlen = unpad_input(input_ids, mask)  # (N,)
+            packing = Packing(indices, cu_seqlens, int(max_seqlen), B, S)
+            position_ids, token_type_ids = position_ids.reshape(-1)[indices], token_type_ids.reshape(-1)[indices]
+        x = self.wte(input_ids) + self.wtt(token_type_ids) + self.wpe(position_ids)  # (N, C) or (B, S, C)
+        x = x.to(autocast_dtype(x))
+        h = layer_norm(
+            x, (cfg.hidden_size,), self.ln_emb.weight, self.ln_emb.bias, cfg.layer_norm_eps, backend=cfg.backend
+        )
+        h = F.dropout(h, cfg.hidden_dropout_prob, self.training)
+        cu = packing.cu_seqlens if packing is not None else None
+        max_len = packing.max_seqlen if packing is not None else 0
+        ckpt = cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.h:
+            h = checkpoint(layer, h, cu, max_len, use_reentrant=False) if ckpt else layer(h, cu, max_len)
+        return h, packing
+
+    def pool(self, hidden: Tensor) -> Tensor:
+        """hidden: (B, S, C) -> tanh(dense(hidden[:, 0])): (B, C)."""
+        if self.pooler is None:
+            raise ValueError("this BertModel was built with add_pooling_layer=False")
+        w, b = cast(self.pooler.weight, hidden), cast(self.pooler.bias, hidden)
+        return torch.tanh(linear(hidden[:, 0], w, b, backend=self.config.backend))
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> BertModelOutput:
+        """input_ids and the optional (B, S) tensors -> last_hidden_state (B, S, C), pooler_output (B, C)."""
+        h, packing = self.encode(input_ids, attention_mask, token_type_ids, position_ids)
+        h = packing.pad(h) if packing is not None else h  # (B, S, C)
+        return BertModelOutput(last_hidden_state=h, pooler_output=self.pool(h) if self.pooler is not None else None)
+
+
+class MLMHead(nn.Module):
+    """dense -> activation -> LayerNorm -> decoder tied to the word embedding, plus an output bias."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.ln = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, h: Tensor, decoder_weight: Tensor) -> Tensor:
+        """h: (..., C), decoder_weight: the word embedding (V, C) -> (..., V) logits."""
+        cfg = self.config
+        h = linear(h, cast(self.dense.weight, h), cast(self.dense.bias, h), cfg.act, backend=cfg.backend)
+        h = layer_norm(h, (cfg.hidden_size,), self.ln.weight, self.ln.bias, cfg.layer_norm_eps, backend=cfg.backend)
+        return linear(h, cast(decoder_weight, h), cast(self.bias, h), backend=cfg.backend)
+
+
+def _mlm(model: nn.Module, h: Tensor, packing: Packing | None, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """MLM logits (B, S, V) and mean cross-entropy over labels != -100, computed on the packed tokens."""
+    logits = model.mlm(h, model.bert.wte.weight)  # (N, V) or (B, S, V)
+    loss = None
+    if labels is not None:
+        shape = (packing.batch, packing.seqlen) if packing is not None else h.shape[:2]
+        if labels.shape != shape:
+            raise ValueError(f"labels must have the shape of input_ids {tuple(shape)}, got {tuple(labels.shape)}")
+        flat = labels.flatten()[packing.indices] if packing is not None else labels.flatten()
+        loss = F.cross_entropy(logits.flatten(0, -2).float(), flat, ignore_index=-100)
+    return (packing.pad(logits) if packing is not None else logits), loss
+
+
+class BertForPreTraining(HFLoadable, nn.Module):
+    """Masked-LM and next-sentence heads; loss = MLM cross-entropy + NSP cross-entropy."""
+
+    config_class = BertConfig
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config)
+        self.mlm = MLMHead(config)
+        self.nsp = nn.Linear(config.hidden_size, 2)
+        self.apply(lambda m: _init_weights(m, config.initializer_range))
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        next_sentence_label: Tensor | None = None,
+    ) -> BertForPreTrainingOutput:
+        """labels: (B, S) token ids with -100 where not masked; next_sentence_label: (B,) 0 = B follows A."""
+        h, packing = self.bert.encode(input_ids, attention_mask, token_type_ids, position_ids)
+        seq = packing.pad(h) if packing is not None else h  # (B, S, C)
+        pooled = self.bert.pool(seq)  # (B, C)
+        w, b = cast(self.nsp.weight, pooled), cast(self.nsp.bias, pooled)
+        nsp_logits = linear(pooled, w, b, backend=self.config.backend)  # (B, 2)
+        logits, mlm_loss = _mlm(self, h, packing, labels)
+        nsp_loss = None
+        if next_sentence_label is not None:
+            nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label.flatten())
+        loss = mlm_loss if nsp_loss is None else nsp_loss if mlm_loss is None else mlm_loss + nsp_loss
+        return BertForPreTrainingOutput(logits, nsp_logits, loss, mlm_loss, nsp_loss)
+
+
+class BertForMaskedLM(HFLoadable, nn.Module):
+    """BERT encoder (no pooler) with the masked-LM head."""
+
+    config_class = BertConfig
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.mlm = MLMHead(config)
+        self.apply(lambda m: _init_weights(m, config.initializer_range))
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+    ) -> MaskedLMOutput:
+        """labels: (B, S) with -100 at positions that are not scored. Returns logits (B, S, V) and loss."""
+        h, packing = self.bert.encode(input_ids, attention_mask, token_type_ids, position_ids)
+        logits, loss = _mlm(self, h, packing, labels)
+        return MaskedLMOutput(logits, loss)
+
+
+class BertForSequenceClassification(HFLoadable, nn.Module):
+    """Pooled output -> dropout -> linear classifier; loss chosen by ``config.problem_type`` as in transformers."""
+
+    config_class = BertConfig
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.apply(lambda m: _init_weights(m, config.initializer_range))
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+    ) -> SequenceClassifierOutput:
+        """labels: (B,) class ids, (B,) / (B, 1) floats for regression, or (B, num_labels) multi-hot floats."""
+        cfg = self.config
+        pooled = self.bert(input_ids, attention_mask, token_type_ids, position_ids).pooler_output  # (B, C)
+        p = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
+        pooled = F.dropout(pooled, p, self.training)
+        w, b = cast(self.classifier.weight, pooled), cast(self.classifier.bias, pooled)
+        logits = linear(pooled, w, b, backend=cfg.backend)  # (B, num_labels)
+        loss = None
+        if labels is not None:
+            kind = cfg.problem_type
+            if kind is None:
+                integer = not (labels.dtype.is_floating_point or labels.dtype.is_complex)
+                single = cfg.num_labels > 1 and integer
+                kind = "regression" if cfg.num_labels == 1 else "single_label_classification" if single else "multi"
+            if kind == "regression":
+                loss = F.mse_loss(logits.float().squeeze(), labels.float().squeeze())
+            elif kind == "single_label_classification":
+                loss = F.cross_entropy(logits.float(), labels.flatten())
+            else:
+                loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+        return SequenceClassifierOutput(logits, loss)

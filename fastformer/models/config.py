@@ -1,0 +1,255 @@
+"""Model configurations: dataclasses with named presets, convertible from Hugging Face configs.
+
+Field names follow ``transformers`` (GPT2Config, BertConfig) so that a checkpoint's ``config.json``
+maps onto them directly. Two fields are fastformer's own:
+
+- ``backend``: the op backend for the whole model ("triton", "cuda", "torch", "auto"); None follows
+  ``fastformer.use_backend`` / ``FASTFORMER_BACKEND`` / auto, like a bare op call.
+- ``gradient_checkpointing``: recompute each block in backward (torch.utils.checkpoint) to save memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import torch
+
+from fastformer.backends import BACKENDS
+
+C = TypeVar("C", bound="_Config")
+
+# Hugging Face activation names -> fastformer.linear activations
+ACTIVATIONS = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_tanh": "gelu_tanh",
+    "relu": "relu",
+}
+
+
+class _Config:
+    """Shared behaviour: named presets, validation, dict/JSON round trips."""
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+    # Hugging Face options whose other values change the model's math: key -> the only value implemented here
+    HF_FIXED: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def from_name(cls: type[C], name: str, **overrides: Any) -> C:
+        """A named preset (see ``PRESETS``), with any field overridden by keyword."""
+        if name not in cls.PRESETS:
+            raise ValueError(f"name: unknown preset {name!r}; expected one of {', '.join(cls.PRESETS)}")
+        return cls(**{**cls.PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls: type[C], d: dict[str, Any], **overrides: Any) -> C:
+        """Build from a dict of Hugging Face or fastformer keys; unknown keys are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        kwargs: dict[str, Any] = {}
+        for key, value in d.items():
+            if key in cls.HF_FIXED and value not in (None, cls.HF_FIXED[key]):
+                raise ValueError(
+                    f"config: {key}={value!r} is not supported (fastformer implements {cls.HF_FIXED[key]!r})"
+                )
+            if key in names and value is not None:
+                kwargs[key] = value
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_hf_config(cls: type[C], hf_config: Any, **overrides: Any) -> C:
+        """Convert a ``transformers`` config object (or its dict, or a config.json path) to ours."""
+        if isinstance(hf_config, (str, os.PathLike)):
+            with open(hf_config) as f:
+                hf_config = json.load(f)
+        if not isinstance(hf_config, dict):
+            hf_config = hf_config.to_dict()
+        return cls.from_dict(hf_config, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
+def _check(width: int, heads: int, activation: str, backend: str | None) -> None:
+    if heads <= 0 or width % heads != 0:
+        raise ValueError(f"hidden size {width} must be a positive multiple of the number of heads {heads}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: unsupported {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
+    if backend is not None and backend not in (*BACKENDS, "auto"):
+        raise ValueError(f"backend: unknown backend {backend!r}; expected one of {', '.join((*BACKENDS, 'auto'))}")
+
+
+@dataclass
+class GPTConfig(_Config):
+    """GPT-2: learned positions, pre-LayerNorm blocks, gelu_tanh MLP, LM head tied to the token embedding."""
+
+    vocab_size: int = 50257  # GPT-2 BPE; pad to a multiple of 64 for speed when training from scratch
+    n_positions: int = 1024  # longest sequence (learned position table size)
+    n_embd: int = 768  # model width d
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # MLP width; None = 4 * n_embd
+    activation_function: str = "gelu_new"  # HF name; gelu_new is the tanh approximation
+    embd_pdrop: float = 0.1  # dropout on token + position embeddings
+    attn_pdrop: float = 0.1  # dropout on attention probabilities
+    resid_pdrop: float = 0.1  # dropout on each sublayer's output before the residual add
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+    backend: str | None = None
+    gradient_checkpointing: bool = False
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+        "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+        "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+        "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+        "gpt-tiny": dict(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=2),  # tests
+        "gpt-small": dict(vocab_size=256, n_positions=128, n_embd=128, n_layer=4, n_head=4),  # demos, CPU
+    }
+    HF_FIXED: ClassVar[dict[str, Any]] = {
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "add_cross_attention": False,
+    }
+
+    def __post_init__(self) -> None:
+        _check(self.n_embd, self.n_head, self.activation_function, self.backend)
+
+    @property
+    def act(self) -> str:
+        """The activation as ``fastformer.linear`` names it."""
+        return ACTIVATIONS[self.activation_function]
+
+    @property
+    def d_ff(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+@dataclass
+class BertConfig(_Config):
+    """BERT: post-LayerNorm encoder with token-type embeddings and a tanh pooler on the first token."""
+
+    vocab_size: int = 30522  # WordPiece, uncased
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"  # exact (erf) GELU
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+    num_labels: int = 2  # BertForSequenceClassification
+    problem_type: str | None = None  # "regression", "single_label_classification", "multi_label_classification"
+    classifier_dropout: float | None = None  # None = hidden_dropout_prob
+    backend: str | None = None
+    gradient_checkpointing: bool = False
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+        "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+        "bert-tiny": dict(
+            vocab_size=101,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=32,
+        ),
+        "bert-small": dict(
+            vocab_size=256,
+            hidden_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=512,
+            max_position_embeddings=128,
+        ),
+    }
+
+    HF_FIXED: ClassVar[dict[str, Any]] = {
+        "position_embedding_type": "absolute",
+        "is_decoder": False,
+        "add_cross_attention": False,
+    }
+
+    def __post_init__(self) -> None:
+        _check(self.hidden_size, self.num_attention_heads, self.hidden_act, self.backend)
+        if self.problem_type not in (None, "regression", "single_label_classification", "multi_label_classification"):
+            raise ValueError(f"problem_type: unsupported {self.problem_type!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], **overrides: Any) -> BertConfig:
+        config = super().from_dict(d, **overrides)
+        if "num_labels" not in d and "id2label" in d and "num_labels" not in overrides:
+            config.num_labels = len(d["id2label"])
+        return config
+
+    @property
+    def act(self) -> str:
+        """The activation as ``fastformer.linear`` names it."""
+        return ACTIVATIONS[self.hidden_act]
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+# ---- input checks shared by the models (ValueError/TypeError naming the argument, before any kernel runs) ----
+
+
+def check_ids(ids: torch.Tensor, name: str, n_values: int | None, max_len: int | None = None) -> None:
+    """``ids``: (B, T) integer token ids in [0, n_values) (unchecked when None), T <= max_len."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+    if ids.dim() != 2:
+        raise ValueError(f"{name} must have shape (batch, seqlen), got {tuple(ids.shape)}")
+    if max_len is not None and ids.shape[1] > max_len:
+        raise ValueError(f"{name} has length {ids.shape[1]} but the model supports at most {max_len} positions")
+    # a data-dependent check cannot be traced; compiled callers rely on the eager run having checked
+    if n_values is not None and ids.numel() and not torch.compiler.is_compiling():
+        lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one host sync
+        if lo < 0 or hi >= n_values:
+            raise ValueError(f"{name} holds values in [{lo}, {hi}], outside [0, {n_values})")
+
+
+def check_mask(mask: torch.Tensor | None, name: str, ids: torch.Tensor) -> torch.Tensor | None:
+    """``mask``: (B, T) with 1/True = real token, 0/False = padding, matching ``ids``; returned as bool."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.shape != ids.shape:
+        raise ValueError(f"{name} must have shape {tuple(ids.shape)} (like input_ids), got {tuple(mask.shape)}")
+    if mask.device != ids.device:
+        raise ValueError(f"{name} is on {mask.device} but input_ids is on {ids.device}")
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+# ---- autocast: the fused ops are custom ops that autocast does not see, so the models cast for them ----
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype activations should take: autocast's low-precision dtype when enabled on x's device, else x's."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
+def cast(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """``t`` in ``like``'s dtype (a weight meeting autocast activations); a no-op when they already match."""
+    return None if t is None else t.to(like.dtype)

@@ -1,0 +1,166 @@
+"""Autoregressive decoding with a preallocated KV cache: greedy, temperature, top-k and nucleus sampling.
+
+The prompt runs through the model once (prefill, causal attention over T tokens); each later step
+feeds one token per sequence, whose query attends to every cached key (``attention`` with seqlen_q = 1).
+On CUDA the step has static shapes (the whole cache, masked to the written positions) and is captured
+once as a CUDA graph. Greedy decoding is deterministic and matches Hugging Face ``generate``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from fastformer.models.gpt import GPT, KVCache
+
+
+def filter_logits(
+    logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> Tensor:
+    """Scale (B, V) logits by 1/temperature, then keep the top_k largest and the smallest set of tokens whose
+    probability reaches top_p; everything else becomes -inf. Returns (B, V) float32."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p; the first always stays
+        drop = probs.cumsum(-1) - probs >= top_p
+        drop[:, 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def next_token(
+    logits: Tensor,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Pick one token per row of (B, V) logits: argmax when not sampling, else a draw from the filtered softmax."""
+    if not do_sample:
+        return logits.argmax(dim=-1)  # (B,)
+    probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+
+
+def _check_args(
+    input_ids: Tensor, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None
+) -> None:
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a non-empty (batch, seqlen) tensor, got {shape}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+class DecodeStep:
+    """One decoding step with static shapes: a (B, 1) token at a device-side position, through the whole cache.
+
+    On CUDA the step is captured once as a CUDA graph and replayed, so a token costs one graph launch instead
+    of a few hundred kernel launches from Python; elsewhere (and if capture fails) it runs eagerly.
+    """
+
+    def __init__(self, model: GPT, cache: KVCache, batch: int, graph: bool) -> None:
+        dev = cache.k.device
+        self.model, self.cache, self.graph = model, cache, None
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        # warm-up and capture write this scratch slot, which generation never uses (the last token needs no step)
+        self.pos = torch.full((1,), cache.max_len - 1, dtype=torch.long, device=dev)
+        if graph and dev.type == "cuda":
+            try:
+                self._capture(dev)
+            except RuntimeError as e:  # an op that cannot be captured: run eagerly, correctly, and say so
+                warnings.warn(f"generate: CUDA graph capture failed, decoding eagerly ({e})", stacklevel=3)
+                self.graph = None
+            cache.valid[:, -1] = False
+
+    def _run(self) -> Tensor:
+        return self.model.step(self.token, self.cache, self.pos, check_values=False)  # (B, V)
+
+    def _capture(self, dev: torch.device) -> None:
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # autotuning and lazy initialisation must happen outside the capture
+                self._run()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._run()
+
+    def __call__(self, token: Tensor, pos: int) -> Tensor:
+        """token: (B, 1) at position pos -> logits (B, V) for the next one (valid until the next call)."""
+        self.token.copy_(token)
+        self.pos.fill_(pos)
+        if self.graph is None:
+            return self._run()
+        self.graph.replay()
+        return self.logits
+
+
+@torch.no_grad()
+def generate(
+    model: GPT,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+    do_sample: bool = False,
+    generator: torch.Generator | None = None,
+    static: bool | None = None,
+) -> Tensor:
+    """Extend (B, T) prompts by up to ``max_new_tokens`` tokens; returns (B, T + n).
+
+    Sequences that emitted ``eos_token_id`` are padded with it afterwards, and decoding stops as soon as
+    every sequence has finished (so n may be smaller than max_new_tokens), as Hugging Face does.
+    ``static``: decode with static shapes (:class:`DecodeStep`, a CUDA graph on GPU); default on CUDA only.
+    """
+    _check_args(input_ids, max_new_tokens, temperature, top_k, top_p)
+    B, T = input_ids.shape
+    limit = model.config.n_positions
+    if T + max_new_tokens > limit:
+        raise ValueError(f"input_ids length {T} + max_new_tokens {max_new_tokens} exceeds n_positions {limit}")
+    if max_new_tokens == 0:
+        return input_ids
+    static = input_ids.is_cuda if static is None else static
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_cache(B, T + max_new_tokens)
+        decode = DecodeStep(model, cache, B, graph=True) if static and max_new_tokens > 1 else None
+        logits = model.step(input_ids, cache, 0)  # (B, V): the prompt in one pass, its ids checked
+        out = [input_ids]
+        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        for i in range(max_new_tokens):
+            nxt = next_token(logits, do_sample, temperature, top_k, top_p, generator)  # (B,)
+            if eos_token_id is not None:
+                nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
+                finished |= nxt == eos_token_id
+            out.append(nxt[:, None])
+            if i == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+                break
+            pos = T + i
+            if decode is not None:
+                logits = decode(nxt[:, None], pos)
+            else:
+                logits = model.step(nxt[:, None], cache, pos, check_values=False)  # our own ids need no check
+        return torch.cat(out, dim=1)
+    finally:
+        model.train(was_training)
