@@ -58,6 +58,24 @@ def row_settings(n_cols: int, elem_bytes: int) -> tuple[int, int, int]:
     return block_m, block_n, next_pow2(num_warps)
 
 
+def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """autocast's low-precision dtype when autocast is enabled on ``t``'s device, else None."""
+    kind = t.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+
+def autocast_args(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Floating tensors cast to autocast's dtype when it is on, as ``F.linear`` and SDPA are under autocast.
+
+    Custom ops are invisible to autocast, so the matmul-like ops call this on their inputs themselves.
+    """
+    ref = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    dtype = autocast_dtype(ref) if ref is not None else None
+    if dtype is None:
+        return list(tensors)
+    return [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors]
+
+
 def check_float(t: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES) -> None:
     """TypeError naming ``name`` unless ``t`` is a tensor of one of ``dtypes``."""
     if not isinstance(t, torch.Tensor):

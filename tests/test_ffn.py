@@ -340,3 +340,13 @@ def test_backward_keeps_at_most_input_and_pre_activation(recompute):
     assert len(wide) == (0 if recompute else 1)
     out.sum().backward()
     assert x.grad is not None and w1.grad is not None and b2.grad is not None
+
+
+def test_autocast_casts_like_f_linear():
+    x = torch.randn(4, 9)
+    w, b = torch.randn(5, 9), torch.randn(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fastformer.linear(x, w, b, "relu", backend="torch")
+        ref = F.relu(F.linear(x, w, b))
+    assert y.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from fastformer.models.config import BertConfig, autocast_dtype, cast, check_ids, check_mask
+from fastformer.models.config import BertConfig, autocast_dtype, check_ids, check_mask
 from fastformer.models.loading import HFLoadable
 from fastformer.ops.attention import attention, attention_varlen, pad_input, unpad_input
 from fastformer.ops.ffn import feed_forward, linear
@@ -82,7 +82,7 @@ class BertSelfAttention(nn.Module):
         cfg = self.config
         nh, hs = cfg.num_attention_heads, cfg.head_dim
         p = cfg.attention_probs_dropout_prob if self.training else 0.0
-        qkv = linear(h, cast(self.qkv.weight, h), cast(self.qkv.bias, h), backend=cfg.backend)  # (..., 3C)
+        qkv = linear(h, self.qkv.weight, self.qkv.bias, backend=cfg.backend)  # (..., 3C)
         q, k, v = qkv.unflatten(-1, (3, nh, hs)).unbind(-3)  # each (N, nh, hs) or (B, S, nh, hs)
         if cu_seqlens is not None:
             cu, n = cu_seqlens, max_seqlen
@@ -90,7 +90,7 @@ class BertSelfAttention(nn.Module):
         else:
             y = attention(q, k, v, dropout_p=p, backend=cfg.backend)  # (B, S, nh, hs)
         y = y.flatten(-2)
-        return linear(y, cast(self.proj.weight, y), cast(self.proj.bias, y), backend=cfg.backend)  # (..., C)
+        return linear(y, self.proj.weight, self.proj.bias, backend=cfg.backend)  # (..., C)
 
 
 class BertLayer(nn.Module):
@@ -111,7 +111,7 @@ class BertLayer(nn.Module):
         p, eps, be = (cfg.hidden_dropout_prob if self.training else 0.0), cfg.layer_norm_eps, cfg.backend
         a = self.attn(h, cu_seqlens, max_seqlen)
         h, _ = dropout_add_layer_norm(a, h, self.ln_1.weight, self.ln_1.bias, p=p, eps=eps, backend=be)
-        w1, b1, w2, b2 = (cast(t, h) for t in (self.fc.weight, self.fc.bias, self.proj.weight, self.proj.bias))
+        w1, b1, w2, b2 = (self.fc.weight, self.fc.bias, self.proj.weight, self.proj.bias)
         m = feed_forward(h, w1, b1, w2, b2, cfg.act, backend=be)
         h, _ = dropout_add_layer_norm(m, h, self.ln_2.weight, self.ln_2.bias, p=p, eps=eps, backend=be)
         return h
@@ -189,7 +189,7 @@ class BertModel(HFLoadable, nn.Module):
         """hidden: (B, S, C) -> tanh(dense(hidden[:, 0])): (B, C)."""
         if self.pooler is None:
             raise ValueError("this BertModel was built with add_pooling_layer=False")
-        w, b = cast(self.pooler.weight, hidden), cast(self.pooler.bias, hidden)
+        w, b = self.pooler.weight, self.pooler.bias
         return torch.tanh(linear(hidden[:, 0], w, b, backend=self.config.backend))
 
     def forward(
@@ -218,9 +218,9 @@ class MLMHead(nn.Module):
     def forward(self, h: Tensor, decoder_weight: Tensor) -> Tensor:
         """h: (..., C), decoder_weight: the word embedding (V, C) -> (..., V) logits."""
         cfg = self.config
-        h = linear(h, cast(self.dense.weight, h), cast(self.dense.bias, h), cfg.act, backend=cfg.backend)
+        h = linear(h, self.dense.weight, self.dense.bias, cfg.act, backend=cfg.backend)
         h = layer_norm(h, (cfg.hidden_size,), self.ln.weight, self.ln.bias, cfg.layer_norm_eps, backend=cfg.backend)
-        return linear(h, cast(decoder_weight, h), cast(self.bias, h), backend=cfg.backend)
+        return linear(h, decoder_weight, self.bias, backend=cfg.backend)
 
 
 def _mlm(model: nn.Module, h: Tensor, packing: Packing | None, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -262,7 +262,7 @@ class BertForPreTraining(HFLoadable, nn.Module):
         h, packing = self.bert.encode(input_ids, attention_mask, token_type_ids, position_ids)
         seq = packing.pad(h) if packing is not None else h  # (B, S, C)
         pooled = self.bert.pool(seq)  # (B, C)
-        w, b = cast(self.nsp.weight, pooled), cast(self.nsp.bias, pooled)
+        w, b = self.nsp.weight, self.nsp.bias
         nsp_logits = linear(pooled, w, b, backend=self.config.backend)  # (B, 2)
         logits, mlm_loss = _mlm(self, h, packing, labels)
         nsp_loss = None
@@ -323,7 +323,7 @@ class BertForSequenceClassification(HFLoadable, nn.Module):
         pooled = self.bert(input_ids, attention_mask, token_type_ids, position_ids).pooler_output  # (B, C)
         p = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
         pooled = F.dropout(pooled, p, self.training)
-        w, b = cast(self.classifier.weight, pooled), cast(self.classifier.bias, pooled)
+        w, b = self.classifier.weight, self.classifier.bias
         logits = linear(pooled, w, b, backend=cfg.backend)  # (B, num_labels)
         loss = None
         if labels is not None:

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
+from fastformer import utils
 from fastformer.backends import BACKENDS
 
 C = TypeVar("C", bound="_Config")
@@ -241,15 +242,9 @@ def check_mask(mask: torch.Tensor | None, name: str, ids: torch.Tensor) -> torch
     return mask if mask.dtype == torch.bool else mask != 0
 
 
-# ---- autocast: the fused ops are custom ops that autocast does not see, so the models cast for them ----
+# ---- autocast: embeddings come out in the parameters' dtype; the ops cast the rest (utils.autocast_args) ----
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype activations should take: autocast's low-precision dtype when enabled on x's device, else x's."""
-    kind = x.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
-
-
-def cast(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
-    """``t`` in ``like``'s dtype (a weight meeting autocast activations); a no-op when they already match."""
-    return None if t is None else t.to(like.dtype)
+    return utils.autocast_dtype(x) or x.dtype

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from fastformer.models.config import GPTConfig, autocast_dtype, cast, check_ids, check_mask
+from fastformer.models.config import GPTConfig, autocast_dtype, check_ids, check_mask
 from fastformer.models.loading import HFLoadable
 from fastformer.ops.attention import attention
 from fastformer.ops.ffn import feed_forward, linear
@@ -83,7 +83,7 @@ class CausalSelfAttention(nn.Module):
         """h: (B, T, C) normalized input; mask: (B, T) bool key padding; cache/pos: decoding state (see KVCache)."""
         cfg = self.config
         B, T, C = h.shape
-        qkv = linear(h, cast(self.c_attn.weight, h), cast(self.c_attn.bias, h), backend=cfg.backend)  # (B, T, 3C)
+        qkv = linear(h, self.c_attn.weight, self.c_attn.bias, backend=cfg.backend)  # (B, T, 3C)
         q, k, v = qkv.view(B, T, 3, cfg.n_head, cfg.head_dim).unbind(2)  # each (B, T, nh, hs), strided views
         causal = True
         if cache is not None:
@@ -93,7 +93,7 @@ class CausalSelfAttention(nn.Module):
         # causal aligns bottom-right, so T new queries see the pos cached keys plus their own prefix
         y = attention(q, k, v, causal=causal, key_padding_mask=mask, dropout_p=p, backend=cfg.backend)  # (B, T, nh, hs)
         y = y.reshape(B, T, C)
-        return linear(y, cast(self.c_proj.weight, y), cast(self.c_proj.bias, y), backend=cfg.backend)  # (B, T, C)
+        return linear(y, self.c_proj.weight, self.c_proj.bias, backend=cfg.backend)  # (B, T, C)
 
 
 class MLP(nn.Module):
@@ -105,7 +105,7 @@ class MLP(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         """h: (B, T, C) -> (B, T, C); bias and activation are fused into the first GEMM."""
-        w1, b1, w2, b2 = (cast(t, h) for t in (self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias))
+        w1, b1, w2, b2 = (self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias)
         return feed_forward(h, w1, b1, w2, b2, self.config.act, backend=self.config.backend)
 
 
@@ -227,7 +227,7 @@ class GPT(HFLoadable, nn.Module):
         The loss is Hugging Face's: logits at t predict labels at t + 1; labels equal to -100 are ignored.
         """
         h = self.hidden_states(input_ids, attention_mask)  # (B, T, C)
-        logits = linear(h, cast(self.lm_head_weight, h), backend=self.config.backend)  # (B, T, V)
+        logits = linear(h, self.lm_head_weight, backend=self.config.backend)  # (B, T, V)
         loss = None
         if labels is not None:
             if labels.shape != input_ids.shape:
@@ -247,7 +247,7 @@ class GPT(HFLoadable, nn.Module):
 
         ``pos`` an int: any T; ``pos`` a (1,) int64 tensor on the model's device: T = 1, static shapes."""
         h = self.hidden_states(input_ids, cache=cache, pos=pos, check_values=check_values)  # (B, T, C)
-        return linear(h[:, -1], cast(self.lm_head_weight, h), backend=self.config.backend)  # (B, V)
+        return linear(h[:, -1], self.lm_head_weight, backend=self.config.backend)  # (B, V)
 
     @torch.no_grad()
     def generate(

@@ -133,6 +133,7 @@ def attention(
     Returns:
         (B, Sq, H, D) in q's dtype. Rows that see no key are 0 (and get zero gradient).
     """
+    q, k, v = utils.autocast_args(q, k, v)
     _check_qkv(q, k, v, rank=4)
     mask = _check_mask(key_padding_mask, q, k)
     scale = _check_scale(softmax_scale, q.shape[-1])
@@ -210,6 +211,7 @@ def attention_varlen(
     Returns:
         (total_q, H, D); rows past cu_seqlens_q[-1] are 0.
     """
+    q, k, v = utils.autocast_args(q, k, v)
     _check_qkv(q, k, v, rank=3)
     _check_cu(cu_seqlens_q, "cu_seqlens_q", q)
     _check_cu(cu_seqlens_k, "cu_seqlens_k", q)

@@ -681,8 +681,9 @@ def linear(
         backend: "triton", "cuda", "torch" or "auto" (default: see :mod:`fastformer.backends`).
 
     Returns:
-        (..., out_features) in ``x``'s dtype.
+        (..., out_features) in ``x``'s dtype (autocast's dtype when autocast is on, as for ``F.linear``).
     """
+    x, weight, bias = utils.autocast_args(x, weight, bias)
     _check_x(x)
     in_out = _check_layout(weight_layout)
     act = _check_activation(activation)
@@ -722,6 +723,7 @@ def feed_forward(
     Returns:
         (..., d_out) in ``x``'s dtype.
     """
+    x, w1, b1, w2, b2 = utils.autocast_args(x, w1, b1, w2, b2)
     _check_x(x)
     in_out = _check_layout(weight_layout)
     act = _check_activation(activation)
