@@ -436,7 +436,7 @@ def _varlen_offsets(h: int, total_q: int, q0: int, sq: int, sk: int, max_k: int,
     return ((hh * total_q + q0 + i) * max_k + j)[None]
 
 
-def _torch_fwd(q, k, v, mask, cu_q, cu_k, seed, max_k, causal, scale, p):
+def _torch_fwd(q, k, v, mask, cu_q, cu_k, seed, max_q, max_k, causal, scale, p):
     seed_i = int(seed) if seed is not None else None
     if cu_q is None:
         out, lse = attention_reference(
@@ -506,7 +506,7 @@ def _torch_bwd_dense(do, q, k, v, out, lse, mask, causal, scale, p, seed, offs):
     )
 
 
-def _torch_bwd(do, q, k, v, out, lse, mask, cu_q, cu_k, seed, max_k, causal, scale, p):
+def _torch_bwd(do, q, k, v, out, lse, mask, cu_q, cu_k, seed, max_q, max_k, causal, scale, p):
     seed_i = int(seed) if seed is not None else 0
     if cu_q is None:
         offs = dense_dropout_offsets(q.shape[0], q.shape[2], q.shape[1], k.shape[1], q.device) if p > 0 else None
@@ -1009,6 +1009,10 @@ def _cuda_bwd(do, q, k, v, out, lse, mask, cu_q, cu_k, seed, max_q, max_k, causa
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+_FWD = {"triton": _triton_fwd, "cuda": _cuda_fwd, "torch": _torch_fwd}
+_BWD = {"triton": _triton_bwd, "cuda": _cuda_bwd, "torch": _torch_bwd}
+
+
 @torch.library.custom_op("fastformer::attention_fwd", mutates_args=())
 def attention_fwd(
     q: torch.Tensor,
@@ -1026,7 +1030,7 @@ def attention_fwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) for dense q (B, Sq, H, D) or, with cu_seqlens, packed q (total_q, H, D)."""
-    args = (
+    return _FWD[backend](
         q,
         k,
         v,
@@ -1039,13 +1043,6 @@ def attention_fwd(
         causal,
         scale,
         dropout_p,
-    )
-    if backend == "triton":
-        return _triton_fwd(*args)
-    if backend == "cuda":
-        return _cuda_fwd(*args)
-    return _torch_fwd(
-        q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_k, causal, scale, dropout_p
     )
 
 
@@ -1093,58 +1090,10 @@ def attention_bwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) from the saved out and lse (FlashAttention-2 style; S×S is recomputed blockwise)."""
-    if backend == "triton":
-        return _triton_bwd(
-            dout,
-            q,
-            k,
-            v,
-            out,
-            lse,
-            key_padding_mask,
-            cu_seqlens_q,
-            cu_seqlens_k,
-            seed,
-            max_seqlen_q,
-            max_seqlen_k,
-            causal,
-            scale,
-            dropout_p,
-        )
-    if backend == "cuda":
-        return _cuda_bwd(
-            dout,
-            q,
-            k,
-            v,
-            out,
-            lse,
-            key_padding_mask,
-            cu_seqlens_q,
-            cu_seqlens_k,
-            seed,
-            max_seqlen_q,
-            max_seqlen_k,
-            causal,
-            scale,
-            dropout_p,
-        )
-    return _torch_bwd(
-        dout,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        key_padding_mask,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        seed,
-        max_seqlen_k,
-        causal,
-        scale,
-        dropout_p,
-    )
+    return _BWD[backend](
+        dout, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, seed,
+        max_seqlen_q, max_seqlen_k, causal, scale, dropout_p,
+    )  # fmt: skip
 
 
 @attention_bwd.register_fake
