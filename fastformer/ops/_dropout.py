@@ -21,16 +21,6 @@ def threshold24(p: float) -> int:
     return int(round(p * (1 << 24)))
 
 
-def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # 32x32 -> 64-bit product in int64 without overflow: split b into 16-bit halves
-    b_hi, b_lo = b >> 16, b & 0xFFFF
-    p_lo = a * b_lo  # < 2**48
-    p_hi = a * b_hi  # < 2**48
-    hi = (p_hi + (p_lo >> 16)) >> 16
-    lo = (p_lo + ((p_hi & 0xFFFF) << 16)) & _M32
-    return hi & _M32, lo
-
-
 def philox_uint32(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     """First output word of Philox4x32-10 for each int64 offset, as int64 values in [0, 2**32)."""
     offsets = offsets.to(torch.int64)
@@ -39,9 +29,11 @@ def philox_uint32(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     c3 = torch.zeros_like(c0)
     k0, k1 = seed & _M32, (seed >> 32) & _M32
     for _ in range(10):
-        hi_b, lo_b = _mul_hi_lo(_ROUND_B, c2)
-        hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        # int64 products wrap modulo 2**64 (two's complement), so one multiply yields both 32-bit halves
+        # of the full 32x32-bit product: bits 32..63 after the shift and mask, bits 0..31 after the mask
+        prod_b, prod_a = c2 * _ROUND_B, c0 * _ROUND_A
+        c0, c2 = ((prod_b >> 32) & _M32) ^ c1 ^ k0, ((prod_a >> 32) & _M32) ^ c3 ^ k1
+        c1, c3 = prod_b & _M32, prod_a & _M32
         k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
     return c0
 
