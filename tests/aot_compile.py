@@ -1,0 +1,147 @@
+"""Compile every Triton kernel for real GPUs (sm_80, sm_90) without one: run by test_gpu_compile.py.
+
+The CPU interpreter executes kernels as numpy and accepts code that Triton's compiler rejects (types of
+loop variables, unsupported ops, bf16 paths it cannot run), so CI also lowers each kernel to a cubin, in
+bf16 and the other dtypes, with the flag combinations and tile sizes the launchers use.
+Usage: python tests/aot_compile.py [ARCH ...]; prints one line per kernel and exits non-zero on failure.
+"""
+
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)  # must be unset before triton is imported
+
+import triton  # noqa: E402
+from fastformer.kernels import attention, ffn, layer_norm  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+FLOAT_ARGS = {"eps", "keep_scale", "scale", "sm_scale", "qk_scale", "drop_scale"}
+FP32_PTRS = {"MEAN", "RSTD", "DW", "DB", "Lse", "Delta", "OPart", "LPart"}
+PTR_TYPES = {"Mask": "*i1", "CuQ": "*i32", "CuK": "*i32"}
+INT_CAPS = {"M", "N", "H", "GROUP", "SEQ_Q", "SEQ_K", "HEAD_DIM", "M_BUCKET", "N_BUCKET", "K_BUCKET"}
+
+
+def signature(fn, dtype: str, consts: dict) -> dict:
+    sig = {}
+    # pointers are named X_ptr (ffn) or in capitals (the others), where capital K is the key pointer
+    ptr_suffix = any(n.endswith("_ptr") for n in fn.arg_names)
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr") or (name[0].isupper() and not ptr_suffix and name not in INT_CAPS):
+            sig[name] = PTR_TYPES.get(name, "*fp32" if name in FP32_PTRS else f"*{dtype}")
+        elif name in FLOAT_ARGS:
+            sig[name] = "fp32"
+        elif name == "seed":
+            sig[name] = "i64"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def compile_one(fn, dtype: str, consts: dict, arch: int, warps: int = 4, stages: int = 2) -> int:
+    src = ASTSource(fn=fn, signature=signature(fn, dtype, consts), constexprs=consts)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+    return kernel.metadata.shared
+
+
+def cases():
+    """(label, kernel, dtype, constexprs, num_warps, num_stages) covering every flag at least once."""
+    ln = dict(
+        HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=True, HAS_DROPOUT=True, STORE_S=True, BLOCK_M=4, BLOCK_N=1024
+    )
+    yield "ln fwd fused", layer_norm.layer_norm_fwd_kernel, "bf16", ln, 4, 1
+    plain = dict(ln, HAS_RESIDUAL=False, HAS_BIAS=False, HAS_DROPOUT=False, STORE_S=False, BLOCK_M=1, BLOCK_N=8192)
+    yield "ln fwd plain", layer_norm.layer_norm_fwd_kernel, "fp32", plain, 16, 1
+    lnb = dict(HAS_DS_OUT=True, HAS_DRES=True, HAS_WEIGHT=True, HAS_DROPOUT=True, BLOCK_M=4, BLOCK_N=1024)
+    yield "ln bwd fused", layer_norm.layer_norm_bwd_kernel, "bf16", lnb, 4, 1
+    yield (
+        "ln bwd plain",
+        layer_norm.layer_norm_bwd_kernel,
+        "fp16",
+        dict(lnb, HAS_DS_OUT=False, HAS_DRES=False, HAS_DROPOUT=False),
+        4,
+        1,
+    )
+    mm = dict(
+        HAS_BIAS=True,
+        ACT=2,
+        DROPOUT=True,
+        EPILOGUE=0,
+        STORE_AUX=True,
+        DOT_PRECISION="tf32",
+        BLOCK_M=128,
+        BLOCK_N=128,
+        BLOCK_K=64,
+        GROUP_M=8,
+    )
+    yield "ffn gemm fwd", ffn.linear_kernel, "bf16", mm, 8, 3
+    yield "ffn gemm dgelu", ffn.linear_kernel, "bf16", dict(mm, HAS_BIAS=False, ACT=1, EPILOGUE=1), 8, 3
+    yield (
+        "ffn gemm fp32 relu",
+        ffn.linear_kernel,
+        "fp32",
+        dict(mm, ACT=3, DROPOUT=False, STORE_AUX=False, DOT_PRECISION="ieee", BLOCK_N=64, BLOCK_K=32),
+        4,
+        2,
+    )
+    yield "ffn act grad", ffn.act_grad_kernel, "bf16", dict(ACT=1, DROPOUT=True, BLOCK_M=32, BLOCK_N=128), 4, 1
+    att = dict(
+        IS_CAUSAL=True,
+        HAS_MASK=False,
+        IS_VARLEN=False,
+        HAS_DROPOUT=False,
+        BLOCK_M=128,
+        BLOCK_N=64,
+        BLOCK_D=128,
+        DOT_PREC="tf32",
+    )
+    yield "attn fwd causal", attention._attn_fwd, "bf16", dict(att, IS_SPLIT=False), 8, 3
+    yield (
+        "attn fwd mask+dropout d80",
+        attention._attn_fwd,
+        "fp16",
+        dict(att, IS_CAUSAL=False, HAS_MASK=True, HAS_DROPOUT=True, BLOCK_D=128, IS_SPLIT=False),
+        4,
+        3,
+    )
+    yield (
+        "attn fwd varlen d256",
+        attention._attn_fwd,
+        "bf16",
+        dict(att, IS_VARLEN=True, BLOCK_M=64, BLOCK_N=32, BLOCK_D=256, IS_SPLIT=False),
+        4,
+        2,
+    )
+    yield "attn fwd split-kv", attention._attn_fwd, "bf16", dict(att, BLOCK_M=16, IS_SPLIT=True), 4, 3
+    yield "attn combine", attention._attn_fwd_combine, "bf16", dict(BLOCK_M=16, BLOCK_D=128), 4, 1
+    yield "attn bwd pre", attention._attn_bwd_preprocess, "bf16", dict(IS_VARLEN=True, BLOCK_M=64, BLOCK_D=128), 4, 1
+    bwd = dict(att, BLOCK_M=64, BLOCK_N=64, HAS_MASK=True, HAS_DROPOUT=True)
+    yield "attn bwd dkdv", attention._attn_bwd_dkdv, "bf16", bwd, 4, 2
+    yield "attn bwd dq", attention._attn_bwd_dq, "bf16", dict(bwd, IS_VARLEN=True), 4, 2
+    yield (
+        "attn bwd dkdv fp32",
+        attention._attn_bwd_dkdv,
+        "fp32",
+        dict(bwd, DOT_PREC="ieee", BLOCK_D=64, BLOCK_M=32, BLOCK_N=32),
+        4,
+        2,
+    )
+
+
+def main(archs: list[int]) -> int:
+    failures = 0
+    for arch in archs:
+        for label, fn, dtype, consts, warps, stages in cases():
+            try:
+                smem = compile_one(fn, dtype, consts, arch, warps, stages)
+                print(f"ok   sm_{arch} {label} ({dtype}, {smem} B shared)", flush=True)
+            except Exception as e:  # noqa: BLE001 - report every kernel, then fail
+                failures += 1
+                print(f"FAIL sm_{arch} {label} ({dtype}): {type(e).__name__}: {str(e)[:2000]}", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main([int(a) for a in sys.argv[1:]] or [90]))
