@@ -288,6 +288,8 @@ def test_explicit_backend_that_cannot_serve_raises():
     if not HAS_GPU:
         with pytest.raises(fastformer.BackendError, match="CUDA"):
             fastformer.layer_norm(torch.randn(2, 8), 8, backend="cuda")
+    with pytest.raises(fastformer.BackendError, match="65536"):
+        fastformer.layer_norm(torch.randn(1, 65537), 65537, backend="triton")
     # auto serves float64 through the torch reference
     torch.testing.assert_close(fastformer.layer_norm(x, 8), F.layer_norm(x, (8,)))
 
@@ -297,7 +299,9 @@ def test_explicit_backend_that_cannot_serve_raises():
 @pytest.mark.parametrize("rows,n", [(4096, 768), (1000, 1024), (33, 8192), (7, 65537)])
 def test_gpu_bf16_and_wide_rows(backend, rows, n):
     if backend == "triton" and n > 65536:
-        pytest.skip("rows wider than 65536 are served by cuda/torch; triton refuses them with BackendError")
+        with pytest.raises(fastformer.BackendError, match="65536"):
+            fastformer.layer_norm(torch.randn(rows, n, device="cuda"), n, backend=backend)
+        return
     _check_layer_norm(*_inputs(rows, n, torch.bfloat16, device="cuda"), backend)
     _check_layer_norm(*_inputs(rows, n, torch.float16, device="cuda"), backend)
 
