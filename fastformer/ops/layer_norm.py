@@ -53,6 +53,12 @@ def _torch_fwd(x2, r2, w, b, eps, p, seed):
     if r2 is not None or p > 0:
         s_out = s.to(x2.dtype)
         s = s_out.to(compute)
+    if s.dtype == torch.float32:
+        # torch's own fused kernel (fp32 statistics for fp32 input on every device): the fast CPU path
+        w32 = w.float() if w is not None else None
+        b32 = b.float() if b is not None else None
+        y, mean, rstd = torch.native_layer_norm(s, (n,), w32, b32, eps)
+        return y.to(x2.dtype), s_out, mean.view(m), rstd.view(m)
     mean = s.mean(dim=1)
     d = s - mean[:, None]
     rstd = torch.rsqrt((d * d).mean(dim=1) + eps)
@@ -68,9 +74,17 @@ def _torch_bwd(dy2, dso2, s2, w, mean, rstd, p, seed, has_res, has_b):
     compute = torch.promote_types(s2.dtype, torch.float32)
     m, n = s2.shape
     dy = dy2.to(compute)
-    xhat = (s2.to(compute) - mean.to(compute)[:, None]) * rstd.to(compute)[:, None]
-    g = dy * w.to(compute) if w is not None else dy
-    ds = (g - (xhat * (xhat * g).mean(dim=1, keepdim=True) + g.mean(dim=1, keepdim=True))) * rstd.to(compute)[:, None]
+    if s2.dtype == torch.float32:
+        w32 = w.float() if w is not None else None
+        ds, dw, _ = torch.ops.aten.native_layer_norm_backward(
+            dy, s2, (n,), mean.view(m, 1), rstd.view(m, 1), w32, None, [True, w is not None, False]
+        )
+    else:
+        xhat = (s2.to(compute) - mean.to(compute)[:, None]) * rstd.to(compute)[:, None]
+        g = dy * w.to(compute) if w is not None else dy
+        mean_gx, mean_g = (xhat * g).mean(dim=1, keepdim=True), g.mean(dim=1, keepdim=True)
+        ds = (g - (xhat * mean_gx + mean_g)) * rstd.to(compute)[:, None]
+        dw = (dy * xhat).sum(0) if w is not None else None
     if dso2 is not None:
         ds = ds + dso2.to(compute)
     dx = ds
@@ -78,7 +92,7 @@ def _torch_bwd(dy2, dso2, s2, w, mean, rstd, p, seed, has_res, has_b):
         keep = keep_mask(int(seed), torch.arange(m * n, device=s2.device).view(m, n), p)
         dx = torch.where(keep, ds * (1.0 / (1.0 - p)), 0.0)
     dres = ds.to(s2.dtype, copy=True) if has_res else s2.new_empty(0)  # must not alias dx
-    dw = (dy * xhat).sum(0).to(w.dtype) if w is not None else s2.new_empty(0)
+    dw = dw.to(w.dtype) if w is not None else s2.new_empty(0)
     db = dy.sum(0).to(w.dtype if w is not None else s2.dtype) if has_b else s2.new_empty(0)
     return dx.to(s2.dtype), dres, dw, db
 
