@@ -16,33 +16,42 @@ from typing import Any
 
 from fastformer.backends import BACKENDS, BackendError, available_backends, use_backend
 
+# importing the ops registers torch.ops.fastformer.* (needed to run or load a graph that uses them); they
+# do not import triton, which is loaded on the first Triton launch
+from fastformer.ops.attention import attention, attention_varlen, pad_input, scaled_dot_product_attention, unpad_input
+from fastformer.ops.ffn import feed_forward, linear
+from fastformer.ops.layer_norm import dropout_add_layer_norm, layer_norm
+
 __version__ = "0.1.0"
 
-# public name -> module that defines it; imported on first use so `import fastformer` stays light
-_LAZY = {
-    "layer_norm": "fastformer.ops.layer_norm",
-    "dropout_add_layer_norm": "fastformer.ops.layer_norm",
-    "attention": "fastformer.ops.attention",
-    "attention_varlen": "fastformer.ops.attention",
-    "scaled_dot_product_attention": "fastformer.ops.attention",
-    "unpad_input": "fastformer.ops.attention",
-    "pad_input": "fastformer.ops.attention",
-    "linear": "fastformer.ops.ffn",
-    "feed_forward": "fastformer.ops.ffn",
-    "nn": "fastformer.nn",
-    "models": "fastformer.models",
-}
+# subpackages imported on first use
+_LAZY = {"nn": "fastformer.nn", "models": "fastformer.models"}
 
-__all__ = ["BACKENDS", "BackendError", "available_backends", "use_backend", "__version__", *_LAZY]
+__all__ = [
+    "BACKENDS",
+    "BackendError",
+    "__version__",
+    "attention",
+    "attention_varlen",
+    "available_backends",
+    "dropout_add_layer_norm",
+    "feed_forward",
+    "layer_norm",
+    "linear",
+    "pad_input",
+    "scaled_dot_product_attention",
+    "unpad_input",
+    "use_backend",
+    *_LAZY,
+]
 
 
 def __getattr__(name: str) -> Any:
     if name not in _LAZY:
         raise AttributeError(f"module 'fastformer' has no attribute {name!r}")
     module = importlib.import_module(_LAZY[name])
-    value = module if module.__name__ == f"fastformer.{name}" else getattr(module, name)
-    globals()[name] = value
-    return value
+    globals()[name] = module
+    return module
 
 
 def __dir__() -> list[str]:

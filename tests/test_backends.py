@@ -127,3 +127,17 @@ def test_philox_reference_known_answers():
     # counters above 2**32 and keys above 2**32 use both words; the result is always a uint32
     out = philox_uint32(2**62 + 12345, torch.tensor([0, 1, 2**32, 2**40 + 7]))
     assert out.min() >= 0 and out.max() < 2**32 and out.unique().numel() == 4
+
+
+def test_import_registers_ops_without_importing_triton():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, fastformer; "
+        "[getattr(torch.ops.fastformer, n) for n in ('layer_norm_fwd', 'layer_norm_bwd', 'attention_fwd', "
+        "'attention_bwd', 'linear_fwd', 'linear_bwd', 'ffn_fwd', 'ffn_bwd')]; "
+        "assert 'triton' not in sys.modules"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -104,6 +104,8 @@ def test_zero_rows_give_empty_output(backend):
     assert y.shape == (0, 3, 8)
     (dx, dw) = torch.autograd.grad(y.sum(), [x, w])
     assert dx.shape == x.shape and torch.equal(dw, torch.zeros_like(dw))
+    out, s = fastformer.dropout_add_layer_norm(x, torch.randn_like(x), w, p=0.2, backend=backend)
+    assert out.shape == s.shape == x.shape
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -230,7 +230,8 @@ def _layer_norm_fwd(
     w = weight.reshape(-1) if weight is not None else None
     b = bias.reshape(-1) if bias is not None else None
     y, s, mean, rstd = _FWD[backend](x2, r2, w, b, eps, p, seed)
-    return y.view(x.shape), s.view(x.shape) if s.numel() else s, mean, rstd
+    stored = residual is not None or p > 0  # else s is an empty placeholder, as in the fake below
+    return y.view(x.shape), s.view(x.shape) if stored else s, mean, rstd
 
 
 @_layer_norm_fwd.register_fake
