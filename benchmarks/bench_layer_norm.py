@@ -26,7 +26,7 @@ def _providers(dev, args):
             if dev.type == "cpu" and backend != "torch":
                 continue  # the interpreter is a correctness tool, not a speed peer
             prov[f"fastformer-{backend}"] = lambda x, r, w, b, p, _b=backend: fastformer.dropout_add_layer_norm(
-                x, r, w, b, p=p, backend=_b
+                x, r, w, b, dropout_p=p, backend=_b
             )
     prov["torch"] = _eager_block
     compiled = common.maybe_compile(_eager_block, not args.no_compile and dev.type == "cuda")

@@ -16,7 +16,7 @@ def _layer_norm(backend: str) -> None:
     x = torch.randn(37, 1000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     r = torch.randn_like(x, requires_grad=True)
     w = torch.randn(1000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    out, s = fastformer.dropout_add_layer_norm(x, r, w, None, p=0.1, backend=backend)
+    out, s = fastformer.dropout_add_layer_norm(x, r, w, None, dropout_p=0.1, backend=backend)
     (out.float().sum() + s.float().sum()).backward()
 
 

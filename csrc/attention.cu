@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common.cuh"
+#include "dropout.cuh"
 #include "ops.h"
 
 namespace fastformer {

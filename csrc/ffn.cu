@@ -9,6 +9,7 @@
 // the vector width and every pointer is 16-byte aligned, each thread moves 16 bytes per load and store;
 // otherwise the same kernel runs with one element per thread. Offsets are int64 (grid-stride loops).
 #include "common.cuh"
+#include "dropout.cuh"
 #include "ops.h"
 
 namespace fastformer {

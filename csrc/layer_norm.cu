@@ -9,6 +9,7 @@
 // atomics, deterministic) that Python reduces with one sum. Dropout regenerates the forward's Philox
 // mask from (seed, row * n + col).
 #include "common.cuh"
+#include "dropout.cuh"
 #include "ops.h"
 
 namespace fastformer {
@@ -139,21 +140,6 @@ __global__ void layer_norm_bwd_kernel(LnBwdArgs<T> a) {
 }
 
 }  // namespace
-
-int cuda_runtime_version() {
-  int v = 0;
-  FF_CUDA_CHECK(cudaRuntimeGetVersion(&v));
-  return v;
-}
-
-int cuda_device_count() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky "no device" error
-    return 0;
-  }
-  return n;
-}
 
 void layer_norm_fwd(uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t bias, uintptr_t y,
                     uintptr_t res_out, uintptr_t mean, uintptr_t rstd, int64_t rows, int64_t n,

@@ -1,5 +1,5 @@
 // Host launchers exported by the .cu files and bound in bindings.cpp. Plain C++ types only: the
-// binding unit is compiled by the host compiler without CUDA or torch headers. Pointers arrive as
+// binding unit (host code) includes no kernel and no torch header. Pointers arrive as
 // integers (tensor.data_ptr()), the stream as an integer cudaStream_t, dtypes as DTypeCode.
 #pragma once
 
@@ -7,9 +7,6 @@
 #include <vector>
 
 namespace fastformer {
-
-int cuda_runtime_version();
-int cuda_device_count();
 
 // layer_norm.cu: y = LayerNorm(dropout(x) + residual) over rows of length n.
 void layer_norm_fwd(uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t bias, uintptr_t y,

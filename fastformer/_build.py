@@ -103,16 +103,17 @@ def _ninja_file(src: Path, out: Path, nvcc: str) -> str:
     lines = [
         "ninja_required_version = 1.3",
         f"nvcc = {nvcc}",
-        f"cxx = {os.environ.get('CXX', 'c++')}",
         "cuflags = -O3 -std=c++17 -lineinfo --expt-relaxed-constexpr -Xcompiler -fPIC,-Wall --threads 2 "
         f"{gencode}{werror}",
-        f"cxxflags = -O2 -std=c++17 -fPIC -fvisibility=hidden -Wall -I{py_inc} -I{pybind11.get_include()} -I{src}",
+        # the bindings are host code: nvcc hands them to the host compiler with CUDA's include path added
+        f"cxxflags = -O2 -std=c++17 -Xcompiler -fPIC,-fvisibility=hidden,-Wall{werror} "
+        f"-I{py_inc} -I{pybind11.get_include()} -I{src}",
         "rule nvcc",
         "  command = $nvcc $cuflags -I" + str(src) + " -MD -MF $out.d -c $in -o $out",
         "  depfile = $out.d",
         "  deps = gcc",
         "rule cxx",
-        "  command = $cxx $cxxflags -MD -MF $out.d -c $in -o $out",
+        "  command = $nvcc $cxxflags -MD -MF $out.d -c $in -o $out",
         "  depfile = $out.d",
         "  deps = gcc",
         "rule link",

@@ -1,10 +1,11 @@
-"""Helpers shared by every op: input checks, launch settings, device queries, dropout seeds."""
+"""Helpers shared by every op: input checks, launch settings, device queries, raw pointers for fastformer._C."""
 
 from __future__ import annotations
 
 import functools
 import importlib.util
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -95,25 +96,43 @@ def check_like(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> 
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; they must be on one device")
 
 
-def check_dropout_p(p: float, name: str = "dropout_p") -> float:
-    if not isinstance(p, (int, float)) or isinstance(p, bool):
-        raise TypeError(f"{name} must be a float, got {type(p).__name__}")
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {p}")
-    return float(p)
-
-
-def dropout_seed(p: float) -> torch.Tensor | None:
-    """A fresh Philox seed drawn from torch's default CPU generator, or None when there is no dropout.
-
-    The seed is a CPU int64 scalar tensor so that it can flow through custom ops and torch.compile
-    without a device sync; kernels read it on the host at launch.
-    """
-    if p == 0.0:
-        return None
-    return torch.randint(0, 2**62, (), dtype=torch.int64)
-
-
 def stream_handle(device: torch.device) -> int:
     """The raw cudaStream_t of torch's current stream on ``device``, as an int for fastformer._C."""
     return torch.cuda.current_stream(device).cuda_stream
+
+
+def ptr(t: torch.Tensor | None) -> int:
+    """The raw device address of ``t`` for fastformer._C, 0 for an absent tensor."""
+    return 0 if t is None else t.data_ptr()
+
+
+def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """``input_precision`` of ``tl.dot``: tf32 for fp32 inputs on a GPU where torch allows it, else ieee.
+
+    16-bit inputs ignore it; the interpreter computes in full precision either way.
+    """
+    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def autotune_enabled() -> bool:
+    """Whether Triton kernels autotune: on a GPU unless ``FASTFORMER_AUTOTUNE=0`` (quick checks, CUDA graphs)."""
+    return not interpreting() and os.environ.get("FASTFORMER_AUTOTUNE", "1") != "0"
+
+
+_AUTOTUNED: dict[tuple[str, str], object] = {}
+
+
+def autotuned(name: str, kernel: object, configs: Callable[[], list], key: list[str], prune: Callable | None = None):
+    """``kernel`` wrapped once in ``triton.autotune`` and cached under ``name`` (one tuner per launch site).
+
+    ``configs`` builds the candidate ``triton.Config`` list; ``prune`` is an ``early_config_prune`` hook.
+    """
+    cache_key = (name, ",".join(key))
+    if cache_key not in _AUTOTUNED:
+        import triton
+
+        extra = {"prune_configs_by": {"early_config_prune": prune}} if prune is not None else {}
+        _AUTOTUNED[cache_key] = triton.autotune(configs(), key=key, **extra)(kernel)
+    return _AUTOTUNED[cache_key]

@@ -36,7 +36,7 @@ bf16, fp32 (fp32 dot precision chosen by the launcher through DOT_PREC).
 
 import triton
 import triton.language as tl
-from fastformer.kernels.random import dropout_keep
+from fastformer.kernels.dropout import dropout_keep
 
 
 @triton.jit

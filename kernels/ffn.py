@@ -30,7 +30,7 @@ Limits: outputs C/AUX/H are contiguous (M, N); inputs may have any strides. bf16
 
 import triton
 import triton.language as tl
-from fastformer.kernels.random import dropout_keep
+from fastformer.kernels.dropout import dropout_keep
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)

@@ -21,7 +21,7 @@ Limits: a row must fit in one block (N <= 65536); row offsets are int64, so M * 
 
 import triton
 import triton.language as tl
-from fastformer.kernels.random import dropout_keep
+from fastformer.kernels.dropout import dropout_keep
 
 
 @triton.jit

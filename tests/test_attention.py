@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import fastformer
 from fastformer import utils
-from fastformer.ops import _dropout
+from fastformer.ops import dropout as _dropout
 from fastformer.ops.attention import _varlen_offsets, attention_reference
 from fastformer.testing import assert_close_2x
 
@@ -225,7 +225,7 @@ def test_dropout_mask_matches_torch_backend_and_philox():
     keep_ref = _keep_from_output("torch", p, 123)
     assert torch.equal(keep_t, keep_ref)
     torch.manual_seed(123)
-    seed = int(utils.dropout_seed(p))
+    seed = int(_dropout.new_seed(p))
     offs = torch.arange(keep_t.numel(), dtype=torch.int64).view(keep_t.shape)
     assert torch.equal(keep_t.bool().cpu(), _dropout.keep_mask(seed, offs, p))
     # binomial test on the kept fraction: 4 sigma
@@ -255,7 +255,7 @@ def test_dropout_gradients(causal, hkv, dtype):
     q, k, v = _rand(b, s, h, d, dtype=dtype), _rand(b, s, hkv, d, dtype=dtype), _rand(b, s, hkv, d, dtype=dtype)
     m = _padding_mask("random", b, s)
     torch.manual_seed(99)
-    seed = int(utils.dropout_seed(p))
+    seed = int(_dropout.new_seed(p))
     torch.manual_seed(99)
     out = fastformer.attention(q, k, v, causal=causal, key_padding_mask=m, dropout_p=p, backend=FUSED)
     g = torch.randn_like(out)
@@ -282,7 +282,7 @@ def test_dropout_varlen_matches_torch_backend():
     for a, r in zip(res[FUSED], res["torch"], strict=True):
         torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
     torch.manual_seed(5)
-    seed = int(utils.dropout_seed(0.4))
+    seed = int(_dropout.new_seed(0.4))
     offs = _varlen_offsets(4, q.shape[0], 7, 30, 30, 30, DEVICE)
     assert offs[0, 1, 0, 0] == (1 * q.shape[0] + 7) * 30 and _dropout.keep_mask(seed, offs, 0.4).shape == (1, 4, 30, 30)
 

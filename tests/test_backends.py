@@ -120,7 +120,7 @@ def test_concurrent_builds_share_one_result_and_stale_locks_do_not_hang(tmp_path
 
 
 def test_philox_reference_known_answers():
-    from fastformer.ops._dropout import philox_uint32
+    from fastformer.ops.dropout import philox_uint32
 
     # Random123's Philox4x32-10 known-answer vector: zero counter and key give 0x6627e8d5 as the first word
     assert int(philox_uint32(0, torch.tensor([0]))[0]) == 0x6627E8D5

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from conftest import DEVICE, HAS_GPU
 
 import fastformer
-from fastformer.ops._dropout import keep_mask
+from fastformer.ops.dropout import keep_mask
 from fastformer.testing import assert_close_2x
 
 CPU_BACKENDS = ["triton", "torch"]
@@ -104,7 +104,7 @@ def test_zero_rows_give_empty_output(backend):
     assert y.shape == (0, 3, 8)
     (dx, dw) = torch.autograd.grad(y.sum(), [x, w])
     assert dx.shape == x.shape and torch.equal(dw, torch.zeros_like(dw))
-    out, s = fastformer.dropout_add_layer_norm(x, torch.randn_like(x), w, p=0.2, backend=backend)
+    out, s = fastformer.dropout_add_layer_norm(x, torch.randn_like(x), w, dropout_p=0.2, backend=backend)
     assert out.shape == s.shape == x.shape
 
 
@@ -140,7 +140,7 @@ def test_dropout_add_layer_norm_matches_float64(backend, dtype, rows, n, p, resi
     torch.manual_seed(7)
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64)) if p > 0 else 0
     torch.manual_seed(7)
-    out, s = fastformer.dropout_add_layer_norm(*leaves, p=p, backend=backend)
+    out, s = fastformer.dropout_add_layer_norm(*leaves, dropout_p=p, backend=backend)
     # both outputs carry gradient: pre-LN blocks use s as the residual stream
     ours = [out, s, *_grads([out, s], leaves, [g_out, g_s])]
     results = []
@@ -158,16 +158,16 @@ def test_dropout_mask_statistics_and_reproducibility(backend):
     x = torch.ones(64, 256, device=DEVICE)
     p = 0.3
     torch.manual_seed(3)
-    _, s1 = fastformer.dropout_add_layer_norm(x, p=p, backend=backend)
+    _, s1 = fastformer.dropout_add_layer_norm(x, dropout_p=p, backend=backend)
     torch.manual_seed(3)
-    _, s2 = fastformer.dropout_add_layer_norm(x, p=p, backend=backend)
+    _, s2 = fastformer.dropout_add_layer_norm(x, dropout_p=p, backend=backend)
     assert torch.equal(s1, s2), "same torch seed must give the same mask"
     kept = (s1 != 0).double().mean().item()
     n = x.numel()
     sd = (p * (1 - p) / n) ** 0.5
     assert abs(kept - (1 - p)) < 5 * sd, f"kept fraction {kept:.4f} vs {1 - p} (5 sigma = {5 * sd:.4f})"
     torch.testing.assert_close(s1[s1 != 0], torch.full_like(s1[s1 != 0], 1 / (1 - p)))
-    _, s3 = fastformer.dropout_add_layer_norm(x, p=p, backend=backend)
+    _, s3 = fastformer.dropout_add_layer_norm(x, dropout_p=p, backend=backend)
     assert not torch.equal(s1, s3), "a fresh seed must give a fresh mask"
 
 
@@ -176,7 +176,7 @@ def test_dropout_masks_agree_across_backends():
     outs = []
     for backend in BACKENDS:
         torch.manual_seed(11)
-        outs.append(fastformer.dropout_add_layer_norm(x, p=0.25, backend=backend)[1])
+        outs.append(fastformer.dropout_add_layer_norm(x, dropout_p=0.25, backend=backend)[1])
     for o in outs[1:]:
         assert torch.equal(o == 0, outs[0] == 0)
         torch.testing.assert_close(o, outs[0])
@@ -185,8 +185,8 @@ def test_dropout_masks_agree_across_backends():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_off_in_eval_and_p_zero_is_exact(backend):
     x, r = torch.randn(5, 24, device=DEVICE), torch.randn(5, 24, device=DEVICE)
-    out_eval, s_eval = fastformer.dropout_add_layer_norm(x, r, p=0.5, training=False, backend=backend)
-    out_p0, s_p0 = fastformer.dropout_add_layer_norm(x, r, p=0.0, backend=backend)
+    out_eval, s_eval = fastformer.dropout_add_layer_norm(x, r, dropout_p=0.5, training=False, backend=backend)
+    out_p0, s_p0 = fastformer.dropout_add_layer_norm(x, r, dropout_p=0.0, backend=backend)
     assert torch.equal(out_eval, out_p0) and torch.equal(s_eval, s_p0)
     assert torch.equal(s_p0, x + r)
 
@@ -206,7 +206,7 @@ def test_module_is_drop_in_for_torch_layer_norm():
 
 
 def test_dropout_add_module():
-    m = fastformer.nn.DropoutAddLayerNorm(16, p=0.5)
+    m = fastformer.nn.DropoutAddLayerNorm(16, dropout_p=0.5)
     x, r = torch.randn(4, 16), torch.randn(4, 16)
     m.eval()
     out, s = m(x, r)
@@ -233,7 +233,7 @@ def test_torch_compile_fullgraph(backend):
     w = torch.randn(24, device=DEVICE, requires_grad=True)
 
     def block(x, r):
-        out, s = fastformer.dropout_add_layer_norm(x, r, w, None, p=0.0, backend=backend)
+        out, s = fastformer.dropout_add_layer_norm(x, r, w, None, dropout_p=0.0, backend=backend)
         return fastformer.layer_norm(out * 2, 24, w, backend=backend) + s
 
     x = torch.randn(6, 24, device=DEVICE, requires_grad=True)
@@ -267,8 +267,8 @@ def test_compile_follows_use_backend_without_graph_break():
         (lambda: fastformer.layer_norm(torch.ones(2, 4), 4, None, torch.ones(5)), ValueError, "bias"),
         (lambda: fastformer.layer_norm(torch.ones(2, 4), 4, torch.ones(4, dtype=torch.int32)), TypeError, "weight"),
         (lambda: fastformer.layer_norm(torch.ones(2, 4), 4, eps=-1.0), ValueError, "eps"),
-        (lambda: fastformer.dropout_add_layer_norm(torch.ones(2, 4), p=1.0), ValueError, "p"),
-        (lambda: fastformer.dropout_add_layer_norm(torch.ones(2, 4), p=-0.1), ValueError, "p"),
+        (lambda: fastformer.dropout_add_layer_norm(torch.ones(2, 4), dropout_p=1.0), ValueError, "p"),
+        (lambda: fastformer.dropout_add_layer_norm(torch.ones(2, 4), dropout_p=-0.1), ValueError, "p"),
         (lambda: fastformer.dropout_add_layer_norm(torch.ones(2, 4), torch.ones(2, 5)), ValueError, "residual"),
         (
             lambda: fastformer.dropout_add_layer_norm(torch.ones(2, 4), torch.ones(2, 4, dtype=torch.float16)),
@@ -324,7 +324,7 @@ def test_gpu_cuda_and_triton_dropout_masks_agree():
     outs = []
     for backend in GPU_BACKENDS:
         torch.manual_seed(5)
-        outs.append(fastformer.dropout_add_layer_norm(x, r, p=0.1, backend=backend))
+        outs.append(fastformer.dropout_add_layer_norm(x, r, dropout_p=0.1, backend=backend))
     for out, s in outs[1:]:
         torch.testing.assert_close(s, outs[0][1])
         torch.testing.assert_close(out, outs[0][0], atol=1e-4, rtol=1e-4)

@@ -110,10 +110,10 @@ class BertLayer(nn.Module):
         cfg = self.config
         p, eps, be = (cfg.hidden_dropout_prob if self.training else 0.0), cfg.layer_norm_eps, cfg.backend
         a = self.attn(h, cu_seqlens, max_seqlen)
-        h, _ = dropout_add_layer_norm(a, h, self.ln_1.weight, self.ln_1.bias, p=p, eps=eps, backend=be)
+        h, _ = dropout_add_layer_norm(a, h, self.ln_1.weight, self.ln_1.bias, dropout_p=p, eps=eps, backend=be)
         w1, b1, w2, b2 = (self.fc.weight, self.fc.bias, self.proj.weight, self.proj.bias)
         m = feed_forward(h, w1, b1, w2, b2, cfg.act, backend=be)
-        h, _ = dropout_add_layer_norm(m, h, self.ln_2.weight, self.ln_2.bias, p=p, eps=eps, backend=be)
+        h, _ = dropout_add_layer_norm(m, h, self.ln_2.weight, self.ln_2.bias, dropout_p=p, eps=eps, backend=be)
         return h
 
 

@@ -135,9 +135,9 @@ class Block(nn.Module):
         p_in, p = (self.in_pdrop, cfg.resid_pdrop) if training else (0.0, 0.0)
         eps = cfg.layer_norm_epsilon
         ln_1, ln_2 = self.ln_1, self.ln_2
-        h, residual = dropout_add_layer_norm(x, residual, ln_1.weight, ln_1.bias, p=p_in, eps=eps, backend=cfg.backend)
+        h, residual = dropout_add_layer_norm(x, residual, ln_1.weight, ln_1.bias, dropout_p=p_in, eps=eps, backend=cfg.backend)
         a = self.attn(h, mask, cache, layer, pos)  # (B, T, C)
-        h, residual = dropout_add_layer_norm(a, residual, ln_2.weight, ln_2.bias, p=p, eps=eps, backend=cfg.backend)
+        h, residual = dropout_add_layer_norm(a, residual, ln_2.weight, ln_2.bias, dropout_p=p, eps=eps, backend=cfg.backend)
         return self.mlp(h), residual
 
 
@@ -215,7 +215,7 @@ class GPT(HFLoadable, nn.Module):
                 x, residual = block(x, residual, mask, cache, i, pos)
         ln_f, p = self.transformer.ln_f, cfg.resid_pdrop if self.training else 0.0
         h, _ = dropout_add_layer_norm(
-            x, residual, ln_f.weight, ln_f.bias, p=p, eps=cfg.layer_norm_epsilon, backend=cfg.backend
+            x, residual, ln_f.weight, ln_f.bias, dropout_p=p, eps=cfg.layer_norm_epsilon, backend=cfg.backend
         )
         return h  # (B, T, C)
 

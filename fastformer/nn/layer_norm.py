@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastformer.ops import dropout
 from fastformer.ops.layer_norm import dropout_add_layer_norm, layer_norm
 
 
@@ -29,15 +30,24 @@ class DropoutAddLayerNorm(torch.nn.LayerNorm):
     existing LayerNorm weights load unchanged. Dropout applies only in training mode.
     """
 
-    def __init__(self, hidden: int, p: float = 0.0, eps: float = 1e-5, *, backend: str | None = None, **kwargs) -> None:
+    def __init__(
+        self, hidden: int, dropout_p: float = 0.0, eps: float = 1e-5, *, backend: str | None = None, **kwargs
+    ) -> None:
         super().__init__(hidden, eps=eps, **kwargs)
-        self.p = p
+        self.dropout_p = dropout.check_p(dropout_p)
         self.backend = backend
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return dropout_add_layer_norm(
-            x, residual, self.weight, self.bias, p=self.p, eps=self.eps, training=self.training, backend=self.backend
+            x,
+            residual,
+            self.weight,
+            self.bias,
+            dropout_p=self.dropout_p,
+            eps=self.eps,
+            training=self.training,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, p={self.p}"
+        return f"{super().extra_repr()}, dropout_p={self.dropout_p}"

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from fastformer import backends, utils
-from fastformer.ops import _dropout
+from fastformer.ops import dropout as _dropout
 
 __all__ = [
     "attention",
@@ -137,10 +137,10 @@ def attention(
     _check_qkv(q, k, v, rank=4)
     mask = _check_mask(key_padding_mask, q, k)
     scale = _check_scale(softmax_scale, q.shape[-1])
-    p = utils.check_dropout_p(dropout_p)
+    p = _dropout.check_p(dropout_p)
     causal = bool(causal)
     name = backends.select("attention", q.device, backend)
-    seed = utils.dropout_seed(p)
+    seed = _dropout.new_seed(p)
     out, _ = torch.ops.fastformer.attention_fwd(
         q, k, v, mask, None, None, seed, q.shape[1], k.shape[1], causal, scale, p, name
     )
@@ -226,9 +226,9 @@ def attention_varlen(
     _check_cu_values(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, "max_seqlen_q")
     _check_cu_values(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, "max_seqlen_k")
     scale = _check_scale(softmax_scale, q.shape[-1])
-    p = utils.check_dropout_p(dropout_p)
+    p = _dropout.check_p(dropout_p)
     name = backends.select("attention_varlen", q.device, backend)
-    seed = utils.dropout_seed(p)
+    seed = _dropout.new_seed(p)
     out, _ = torch.ops.fastformer.attention_fwd(
         q, k, v, None, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q, max_seqlen_k, bool(causal), scale, p, name
     )

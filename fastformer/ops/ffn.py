@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from fastformer import backends, utils
-from fastformer.ops import _dropout
+from fastformer.ops import dropout as _dropout
 
 ACTIVATIONS: tuple[str | None, ...] = (None, "gelu", "gelu_tanh", "relu")
 # activation name as carried through the custom-op schema (a str, so None becomes "none") -> kernel code
@@ -727,13 +727,13 @@ def feed_forward(
     _check_x(x)
     in_out = _check_layout(weight_layout)
     act = _check_activation(activation)
-    p = utils.check_dropout_p(dropout_p, "dropout_p")
+    p = _dropout.check_p(dropout_p, "dropout_p")
     d_ff = _check_weight(w1, "w1", x, x.shape[-1], in_out)
     _check_bias(b1, "b1", x, d_ff)
     d_out = _check_weight(w2, "w2", x, d_ff, in_out, x_name="w1's out_features (d_ff)")
     _check_bias(b2, "b2", x, d_out)
     x2 = x.reshape(-1, x.shape[-1])
     name = _resolve_backend("feed_forward", x, backend, x2.numel() == 0 or d_ff == 0 or d_out == 0)
-    seed = utils.dropout_seed(p)
+    seed = _dropout.new_seed(p)
     out, _ = _ffn_fwd_op(x2, w1, b1, w2, b2, act, in_out, p, seed, not recompute, name)
     return out.view(*x.shape[:-1], d_out)

@@ -1,4 +1,4 @@
-"""Dropout decisions shared by the Triton kernels; see fastformer/ops/_dropout.py for the scheme."""
+"""Dropout decisions of the Triton kernels; the scheme is described in fastformer/ops/dropout.py."""
 
 import triton
 import triton.language as tl

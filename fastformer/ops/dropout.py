@@ -1,0 +1,81 @@
+"""Counter-based dropout shared by every op and backend: the Philox scheme, seeds and kernel arguments.
+
+An element with flat index ``i`` is kept when ``philox(seed, i) >> 8 >= threshold24(p)``, where
+``philox`` is Philox4x32-10 with counter (lo32(i), hi32(i), 0, 0) and key (lo32(seed), hi32(seed)),
+taking the first output word: exactly what ``tl.randint`` computes. The same scheme lives in
+kernels/dropout.py (Triton) and csrc/dropout.cuh (CUDA C++), so every backend draws the same mask;
+backward regenerates it instead of storing it, and backends can be compared element for element.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_M32 = 0xFFFFFFFF
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+
+
+def check_p(p: float, name: str = "dropout_p") -> float:
+    """``p`` as a float in [0, 1); TypeError/ValueError naming ``name`` otherwise."""
+    if not isinstance(p, (int, float)) or isinstance(p, bool):
+        raise TypeError(f"{name} must be a float, got {type(p).__name__}")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {p}")
+    return float(p)
+
+
+def new_seed(p: float) -> torch.Tensor | None:
+    """A fresh Philox seed drawn from torch's default CPU generator, or None when there is no dropout.
+
+    The seed is a CPU int64 scalar tensor so that it can flow through custom ops and torch.compile
+    without a device sync; launchers read it on the host.
+    """
+    if p == 0.0:
+        return None
+    return torch.randint(0, 2**62, (), dtype=torch.int64)
+
+
+def seed_int(seed: torch.Tensor | int | None) -> int:
+    """The seed as a Python int (0 when there is none)."""
+    return 0 if seed is None else int(seed)
+
+
+def threshold24(p: float) -> int:
+    """Keep threshold on 24 random bits: P(keep) = 1 - threshold / 2**24 ~= 1 - p."""
+    return int(round(p * (1 << 24)))
+
+
+def kernel_args(p: float, seed: torch.Tensor | int | None) -> tuple[int, int, float]:
+    """(seed, 24-bit threshold, keep scale 1/(1-p)) as every Triton and CUDA kernel takes them."""
+    return seed_int(seed), threshold24(p), 1.0 / (1.0 - p)
+
+
+def philox_uint32(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """First output word of Philox4x32-10 for each int64 offset, as int64 values in [0, 2**32)."""
+    offsets = offsets.to(torch.int64)
+    c0, c1 = offsets & _M32, (offsets >> 32) & _M32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(10):
+        # int64 products wrap modulo 2**64 (two's complement), so one multiply yields both 32-bit halves
+        # of the full 32x32-bit product: bits 32..63 after the shift and mask, bits 0..31 after the mask
+        prod_b, prod_a = c2 * _ROUND_B, c0 * _ROUND_A
+        c0, c2 = ((prod_b >> 32) & _M32) ^ c1 ^ k0, ((prod_a >> 32) & _M32) ^ c3 ^ k1
+        c1, c3 = prod_b & _M32, prod_a & _M32
+        k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
+    return c0
+
+
+def keep_mask(seed: int, offsets: torch.Tensor, p: float) -> torch.Tensor:
+    """Boolean keep mask for elements at flat ``offsets`` (same shape as ``offsets``)."""
+    return (philox_uint32(seed, offsets) >> 8) >= threshold24(p)
+
+
+def apply(t: torch.Tensor, seed: torch.Tensor | int | None, p: float) -> torch.Tensor:
+    """Dropout of (rows, cols) ``t`` by the mask at the row-major offsets ``row * cols + col``, kept values scaled
+    by 1/(1-p); dropped elements are 0 even where ``t`` is inf or NaN, as in the kernels."""
+    rows, cols = t.shape
+    offsets = torch.arange(rows * cols, dtype=torch.int64, device=t.device).view(rows, cols)
+    return torch.where(keep_mask(seed_int(seed), offsets, p), t * (1.0 / (1.0 - p)), 0.0)
