@@ -19,17 +19,15 @@ from triton.compiler import ASTSource  # noqa: E402
 FLOAT_ARGS = {"eps", "keep_scale", "scale", "sm_scale", "qk_scale", "drop_scale"}
 FP32_PTRS = {"MEAN", "RSTD", "DW", "DB", "Lse", "Delta", "OPart", "LPart"}
 PTR_TYPES = {"Mask": "*i1", "CuQ": "*i32", "CuK": "*i32"}
-INT_CAPS = {"M", "N", "H", "GROUP", "SEQ_Q", "SEQ_K", "HEAD_DIM", "M_BUCKET", "N_BUCKET", "K_BUCKET"}
 
 
 def signature(fn, dtype: str, consts: dict) -> dict:
+    """Argument types by the kernels' naming rule: pointers in capitals, runtime scalars in lower case."""
     sig = {}
-    # pointers are named X_ptr (ffn) or in capitals (the others), where capital K is the key pointer
-    ptr_suffix = any(n.endswith("_ptr") for n in fn.arg_names)
     for name in fn.arg_names:
         if name in consts:
             sig[name] = "constexpr"
-        elif name.endswith("_ptr") or (name[0].isupper() and not ptr_suffix and name not in INT_CAPS):
+        elif name[0].isupper():
             sig[name] = PTR_TYPES.get(name, "*fp32" if name in FP32_PTRS else f"*{dtype}")
         elif name in FLOAT_ARGS:
             sig[name] = "fp32"
