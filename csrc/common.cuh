@@ -34,23 +34,33 @@ inline void check_cuda(cudaError_t err, const char* what, const char* file, int 
     default: throw std::invalid_argument("fastformer._C: unknown dtype code " + std::to_string(code)); \
   }
 
+// fp32 conversions of the storage types: one specialisation per type, two directions each
 template <typename T>
-__device__ __forceinline__ float to_f32(T x);
+struct Convert;
 template <>
-__device__ __forceinline__ float to_f32<float>(float x) { return x; }
+struct Convert<float> {
+  static __device__ __forceinline__ float to(float x) { return x; }
+  static __device__ __forceinline__ float from(float x) { return x; }
+};
 template <>
-__device__ __forceinline__ float to_f32<__half>(__half x) { return __half2float(x); }
+struct Convert<__half> {
+  static __device__ __forceinline__ float to(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from(float x) { return __float2half_rn(x); }
+};
 template <>
-__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+struct Convert<__nv_bfloat16> {
+  static __device__ __forceinline__ float to(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); }
+};
 
 template <typename T>
-__device__ __forceinline__ T from_f32(float x);
-template <>
-__device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+__device__ __forceinline__ float to_f32(T x) {
+  return Convert<T>::to(x);
+}
+template <typename T>
+__device__ __forceinline__ T from_f32(float x) {
+  return Convert<T>::from(x);
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

@@ -69,11 +69,10 @@ def demo() -> None:
 
     info()
     print()
-    if importlib.util.find_spec("fastformer.models.study") is not None:
-        from fastformer.models import study
+    from fastformer import study
 
-        study.run_study(quick=not torch.cuda.is_available())
-        print()
+    study.run_study(quick=not torch.cuda.is_available())
+    print()
     bench("layer_norm", ["--quick"] if not torch.cuda.is_available() else [])
 
 

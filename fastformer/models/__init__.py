@@ -7,7 +7,8 @@ from fastformer.models.bert import (
     BertModel,
 )
 from fastformer.models.config import BertConfig, GPTConfig
-from fastformer.models.gpt import GPT, KVCache
+from fastformer.models.generation import KVCache
+from fastformer.models.gpt import GPT
 
 __all__ = [
     "GPT",

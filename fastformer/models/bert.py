@@ -1,7 +1,7 @@
 """BERT on fastformer's fused ops: BertModel, BertForPreTraining, BertForMaskedLM, BertForSequenceClassification.
 
-Post-LayerNorm encoder blocks (``h = LN(h + drop(sublayer(h)))``, one fused op per sublayer), learned
-positions plus token-type embeddings, a tanh pooler over the first token.
+Post-LayerNorm encoder blocks built from ``fastformer.nn`` modules (``h = LN(h + drop(sublayer(h)))``, one fused
+op per sublayer), learned positions plus token-type embeddings, a tanh pooler over the first token.
 
 With an ``attention_mask`` the encoder runs unpadded: padding is dropped once, from the token ids
 (``unpad_input``); the embeddings and every layer work on the packed (N, C) real tokens, attention with
@@ -15,18 +15,22 @@ Forward keyword names match ``transformers`` so that a tokenizer's output can be
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from fastformer.models.config import BertConfig, autocast_dtype, check_ids, check_mask
+from fastformer import utils
+from fastformer.models.config import BertConfig
+from fastformer.models.inputs import check_ids, check_mask
 from fastformer.models.loading import HFLoadable
-from fastformer.ops.attention import attention, attention_varlen, pad_input, unpad_input
-from fastformer.ops.ffn import feed_forward, linear
-from fastformer.ops.layer_norm import dropout_add_layer_norm, layer_norm
+from fastformer.nn.attention import MultiheadSelfAttention
+from fastformer.nn.ffn import FeedForward
+from fastformer.nn.layer_norm import DropoutAddLayerNorm, LayerNorm
+from fastformer.ops.attention import pad_input, unpad_input
+from fastformer.ops.ffn import linear
 
 
 @dataclass
@@ -70,50 +74,23 @@ class Packing(NamedTuple):
         return pad_input(x, self.indices, self.batch, self.seqlen)
 
 
-class BertSelfAttention(nn.Module):
-    def __init__(self, config: BertConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)  # HF's query, key, value in one GEMM
-        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
-
-    def forward(self, h: Tensor, cu_seqlens: Tensor | None = None, max_seqlen: int = 0) -> Tensor:
-        """h: (N, C) packed tokens when cu_seqlens is given, else (B, S, C) without padding."""
-        cfg = self.config
-        nh, hs = cfg.num_attention_heads, cfg.head_dim
-        p = cfg.attention_probs_dropout_prob if self.training else 0.0
-        qkv = linear(h, self.qkv.weight, self.qkv.bias, backend=cfg.backend)  # (..., 3C)
-        q, k, v = qkv.unflatten(-1, (3, nh, hs)).unbind(-3)  # each (N, nh, hs) or (B, S, nh, hs)
-        if cu_seqlens is not None:
-            cu, n = cu_seqlens, max_seqlen
-            y = attention_varlen(q, k, v, cu, cu, n, n, dropout_p=p, backend=cfg.backend)  # (N, nh, hs)
-        else:
-            y = attention(q, k, v, dropout_p=p, backend=cfg.backend)  # (B, S, nh, hs)
-        y = y.flatten(-2)
-        return linear(y, self.proj.weight, self.proj.bias, backend=cfg.backend)  # (..., C)
-
-
 class BertLayer(nn.Module):
-    """Post-LN block: h = LN1(h + drop(attn(h))); h = LN2(h + drop(mlp(h)))."""
+    """Post-LN block built from ``fastformer.nn`` modules: h = LN1(h + drop(attn(h))); h = LN2(h + drop(ffn(h)))."""
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
-        self.config = config
-        self.attn = BertSelfAttention(config)
-        self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.fc = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.proj = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        C, eps, p, be = config.hidden_size, config.layer_norm_eps, config.hidden_dropout_prob, config.backend
+        heads, p_attn = config.num_attention_heads, config.attention_probs_dropout_prob
+        self.attn = MultiheadSelfAttention(C, heads, dropout_p=p_attn, backend=be)  # HF's query, key, value fused
+        self.ln_1 = DropoutAddLayerNorm(C, p, eps, backend=be)
+        self.ffn = FeedForward(C, config.intermediate_size, config.act, backend=be)
+        self.ln_2 = DropoutAddLayerNorm(C, p, eps, backend=be)
 
     def forward(self, h: Tensor, cu_seqlens: Tensor | None = None, max_seqlen: int = 0) -> Tensor:
-        """h: (N, C) or (B, S, C) -> same shape."""
-        cfg = self.config
-        p, eps, be = (cfg.hidden_dropout_prob if self.training else 0.0), cfg.layer_norm_eps, cfg.backend
-        a = self.attn(h, cu_seqlens, max_seqlen)
-        h, _ = dropout_add_layer_norm(a, h, self.ln_1.weight, self.ln_1.bias, dropout_p=p, eps=eps, backend=be)
-        w1, b1, w2, b2 = (self.fc.weight, self.fc.bias, self.proj.weight, self.proj.bias)
-        m = feed_forward(h, w1, b1, w2, b2, cfg.act, backend=be)
-        h, _ = dropout_add_layer_norm(m, h, self.ln_2.weight, self.ln_2.bias, dropout_p=p, eps=eps, backend=be)
+        """h: (N, C) packed tokens with cu_seqlens, else (B, S, C) without padding -> same shape."""
+        a = self.attn(h, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        h, _ = self.ln_1(a, h)
+        h, _ = self.ln_2(self.ffn(h), h)
         return h
 
 
@@ -139,7 +116,7 @@ class BertModel(HFLoadable, nn.Module):
         self.wte = nn.Embedding(config.vocab_size, C, padding_idx=config.pad_token_id)
         self.wpe = nn.Embedding(config.max_position_embeddings, C)
         self.wtt = nn.Embedding(config.type_vocab_size, C)  # token types (segment A / B)
-        self.ln_emb = nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.ln_emb = LayerNorm(C, eps=config.layer_norm_eps, backend=config.backend)
         self.h = nn.ModuleList([BertLayer(config) for _ in range(config.num_hidden_layers)])
         self.pooler = nn.Linear(C, C) if add_pooling_layer else None
         self.apply(lambda m: _init_weights(m, config.initializer_range))
@@ -173,11 +150,8 @@ class BertModel(HFLoadable, nn.Module):
             packing = Packing(indices, cu_seqlens, int(max_seqlen), B, S)
             position_ids, token_type_ids = position_ids.reshape(-1)[indices], token_type_ids.reshape(-1)[indices]
         x = self.wte(input_ids) + self.wtt(token_type_ids) + self.wpe(position_ids)  # (N, C) or (B, S, C)
-        x = x.to(autocast_dtype(x))
-        h = layer_norm(
-            x, (cfg.hidden_size,), self.ln_emb.weight, self.ln_emb.bias, cfg.layer_norm_eps, backend=cfg.backend
-        )
-        h = F.dropout(h, cfg.hidden_dropout_prob, self.training)
+        x = x.to(utils.autocast_dtype(x) or x.dtype)
+        h = F.dropout(self.ln_emb(x), cfg.hidden_dropout_prob, self.training)
         cu = packing.cu_seqlens if packing is not None else None
         max_len = packing.max_seqlen if packing is not None else 0
         ckpt = cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
@@ -212,42 +186,28 @@ class MLMHead(nn.Module):
         super().__init__()
         self.config = config
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.ln = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.ln = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, backend=config.backend)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, h: Tensor, decoder_weight: Tensor) -> Tensor:
         """h: (..., C), decoder_weight: the word embedding (V, C) -> (..., V) logits."""
         cfg = self.config
-        h = linear(h, self.dense.weight, self.dense.bias, cfg.act, backend=cfg.backend)
-        h = layer_norm(h, (cfg.hidden_size,), self.ln.weight, self.ln.bias, cfg.layer_norm_eps, backend=cfg.backend)
+        h = self.ln(linear(h, self.dense.weight, self.dense.bias, cfg.act, backend=cfg.backend))
         return linear(h, decoder_weight, self.bias, backend=cfg.backend)
 
 
-def _mlm(model: nn.Module, h: Tensor, packing: Packing | None, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """MLM logits (B, S, V) and mean cross-entropy over labels != -100, computed on the packed tokens."""
-    logits = model.mlm(h, model.bert.wte.weight)  # (N, V) or (B, S, V)
-    loss = None
-    if labels is not None:
-        shape = (packing.batch, packing.seqlen) if packing is not None else h.shape[:2]
-        if labels.shape != shape:
-            raise ValueError(f"labels must have the shape of input_ids {tuple(shape)}, got {tuple(labels.shape)}")
-        flat = labels.flatten()[packing.indices] if packing is not None else labels.flatten()
-        loss = F.cross_entropy(logits.flatten(0, -2).float(), flat, ignore_index=-100)
-    return (packing.pad(logits) if packing is not None else logits), loss
-
-
-class BertForPreTraining(HFLoadable, nn.Module):
-    """Masked-LM and next-sentence heads; loss = MLM cross-entropy + NSP cross-entropy."""
+class _BertTask(HFLoadable, nn.Module):
+    """A ``BertModel`` as ``bert`` plus a task head; ``forward`` takes the keywords of transformers' Bert* heads."""
 
     config_class = BertConfig
 
-    def __init__(self, config: BertConfig) -> None:
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True) -> None:
         super().__init__()
         self.config = config
-        self.bert = BertModel(config)
-        self.mlm = MLMHead(config)
-        self.nsp = nn.Linear(config.hidden_size, 2)
-        self.apply(lambda m: _init_weights(m, config.initializer_range))
+        self.bert = BertModel(config, add_pooling_layer)
+
+    def _init_heads(self) -> None:
+        self.apply(lambda m: _init_weights(m, self.config.initializer_range))
 
     def forward(
         self,
@@ -256,15 +216,45 @@ class BertForPreTraining(HFLoadable, nn.Module):
         token_type_ids: Tensor | None = None,
         position_ids: Tensor | None = None,
         labels: Tensor | None = None,
-        next_sentence_label: Tensor | None = None,
+        **targets: Tensor | None,
+    ) -> Any:
+        """input_ids and the optional (B, S) tensors as for ``BertModel``; ``labels`` and ``targets`` as the head
+        documents. Returns the head's output dataclass."""
+        h, packing = self.bert.encode(input_ids, attention_mask, token_type_ids, position_ids)
+        return self.head(h, packing, labels, **targets)
+
+    def pooled(self, h: Tensor, packing: Packing | None) -> Tensor:
+        """The pooler output (B, C) of the final hidden states (packed or not)."""
+        return self.bert.pool(packing.pad(h) if packing is not None else h)
+
+    def mlm_logits(self, h: Tensor, packing: Packing | None, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """MLM logits (B, S, V) and mean cross-entropy over labels != -100, computed on the packed tokens."""
+        logits = self.mlm(h, self.bert.wte.weight)  # (N, V) or (B, S, V)
+        loss = None
+        if labels is not None:
+            shape = (packing.batch, packing.seqlen) if packing is not None else h.shape[:2]
+            if labels.shape != shape:
+                raise ValueError(f"labels must have the shape of input_ids {tuple(shape)}, got {tuple(labels.shape)}")
+            flat = labels.flatten()[packing.indices] if packing is not None else labels.flatten()
+            loss = F.cross_entropy(logits.flatten(0, -2).float(), flat, ignore_index=-100)
+        return (packing.pad(logits) if packing is not None else logits), loss
+
+
+class BertForPreTraining(_BertTask):
+    """Masked-LM and next-sentence heads; loss = MLM cross-entropy + NSP cross-entropy."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config)
+        self.mlm = MLMHead(config)
+        self.nsp = nn.Linear(config.hidden_size, 2)
+        self._init_heads()
+
+    def head(
+        self, h: Tensor, packing: Packing | None, labels: Tensor | None, next_sentence_label: Tensor | None = None
     ) -> BertForPreTrainingOutput:
         """labels: (B, S) token ids with -100 where not masked; next_sentence_label: (B,) 0 = B follows A."""
-        h, packing = self.bert.encode(input_ids, attention_mask, token_type_ids, position_ids)
-        seq = packing.pad(h) if packing is not None else h  # (B, S, C)
-        pooled = self.bert.pool(seq)  # (B, C)
-        w, b = self.nsp.weight, self.nsp.bias
-        nsp_logits = linear(pooled, w, b, backend=self.config.backend)  # (B, 2)
-        logits, mlm_loss = _mlm(self, h, packing, labels)
+        nsp_logits = linear(self.pooled(h, packing), self.nsp.weight, self.nsp.bias, backend=self.config.backend)
+        logits, mlm_loss = self.mlm_logits(h, packing, labels)  # (B, S, V)
         nsp_loss = None
         if next_sentence_label is not None:
             nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label.flatten())
@@ -272,59 +262,33 @@ class BertForPreTraining(HFLoadable, nn.Module):
         return BertForPreTrainingOutput(logits, nsp_logits, loss, mlm_loss, nsp_loss)
 
 
-class BertForMaskedLM(HFLoadable, nn.Module):
+class BertForMaskedLM(_BertTask):
     """BERT encoder (no pooler) with the masked-LM head."""
 
-    config_class = BertConfig
-
     def __init__(self, config: BertConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.bert = BertModel(config, add_pooling_layer=False)
+        super().__init__(config, add_pooling_layer=False)
         self.mlm = MLMHead(config)
-        self.apply(lambda m: _init_weights(m, config.initializer_range))
+        self._init_heads()
 
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        token_type_ids: Tensor | None = None,
-        position_ids: Tensor | None = None,
-        labels: Tensor | None = None,
-    ) -> MaskedLMOutput:
+    def head(self, h: Tensor, packing: Packing | None, labels: Tensor | None) -> MaskedLMOutput:
         """labels: (B, S) with -100 at positions that are not scored. Returns logits (B, S, V) and loss."""
-        h, packing = self.bert.encode(input_ids, attention_mask, token_type_ids, position_ids)
-        logits, loss = _mlm(self, h, packing, labels)
-        return MaskedLMOutput(logits, loss)
+        return MaskedLMOutput(*self.mlm_logits(h, packing, labels))
 
 
-class BertForSequenceClassification(HFLoadable, nn.Module):
+class BertForSequenceClassification(_BertTask):
     """Pooled output -> dropout -> linear classifier; loss chosen by ``config.problem_type`` as in transformers."""
 
-    config_class = BertConfig
-
     def __init__(self, config: BertConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.bert = BertModel(config)
+        super().__init__(config)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self.apply(lambda m: _init_weights(m, config.initializer_range))
+        self._init_heads()
 
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        token_type_ids: Tensor | None = None,
-        position_ids: Tensor | None = None,
-        labels: Tensor | None = None,
-    ) -> SequenceClassifierOutput:
+    def head(self, h: Tensor, packing: Packing | None, labels: Tensor | None) -> SequenceClassifierOutput:
         """labels: (B,) class ids, (B,) / (B, 1) floats for regression, or (B, num_labels) multi-hot floats."""
         cfg = self.config
-        pooled = self.bert(input_ids, attention_mask, token_type_ids, position_ids).pooler_output  # (B, C)
         p = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
-        pooled = F.dropout(pooled, p, self.training)
-        w, b = self.classifier.weight, self.classifier.bias
-        logits = linear(pooled, w, b, backend=cfg.backend)  # (B, num_labels)
+        pooled = F.dropout(self.pooled(h, packing), p, self.training)  # (B, C)
+        logits = linear(pooled, self.classifier.weight, self.classifier.bias, backend=cfg.backend)  # (B, num_labels)
         loss = None
         if labels is not None:
             kind = cfg.problem_type

@@ -16,9 +16,6 @@ import os
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-import torch
-
-from fastformer import utils
 from fastformer.backends import BACKENDS
 
 C = TypeVar("C", bound="_Config")
@@ -137,6 +134,12 @@ class GPTConfig(_Config):
         return self.n_embd // self.n_head
 
 
+def _bert_shape(hidden: int, layers: int, heads: int, ffn: int, **extra: Any) -> dict[str, Any]:
+    return dict(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=ffn, **extra
+    )
+
+
 @dataclass
 class BertConfig(_Config):
     """BERT: post-LayerNorm encoder with token-type embeddings and a tanh pooler on the first token."""
@@ -161,24 +164,10 @@ class BertConfig(_Config):
     gradient_checkpointing: bool = False
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-        "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
-        "bert-tiny": dict(
-            vocab_size=101,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=32,
-        ),
-        "bert-small": dict(
-            vocab_size=256,
-            hidden_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            intermediate_size=512,
-            max_position_embeddings=128,
-        ),
+        "bert-base": _bert_shape(768, 12, 12, 3072),
+        "bert-large": _bert_shape(1024, 24, 16, 4096),
+        "bert-tiny": _bert_shape(32, 2, 2, 64, vocab_size=101, max_position_embeddings=32),  # tests
+        "bert-small": _bert_shape(128, 4, 4, 512, vocab_size=256, max_position_embeddings=128),  # demos, CPU
     }
 
     HF_FIXED: ClassVar[dict[str, Any]] = {
@@ -207,44 +196,3 @@ class BertConfig(_Config):
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
-
-
-# ---- input checks shared by the models (ValueError/TypeError naming the argument, before any kernel runs) ----
-
-
-def check_ids(ids: torch.Tensor, name: str, n_values: int | None, max_len: int | None = None) -> None:
-    """``ids``: (B, T) integer token ids in [0, n_values) (unchecked when None), T <= max_len."""
-    if not isinstance(ids, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
-    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
-    if ids.dim() != 2:
-        raise ValueError(f"{name} must have shape (batch, seqlen), got {tuple(ids.shape)}")
-    if max_len is not None and ids.shape[1] > max_len:
-        raise ValueError(f"{name} has length {ids.shape[1]} but the model supports at most {max_len} positions")
-    # a data-dependent check cannot be traced; compiled callers rely on the eager run having checked
-    if n_values is not None and ids.numel() and not torch.compiler.is_compiling():
-        lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one host sync
-        if lo < 0 or hi >= n_values:
-            raise ValueError(f"{name} holds values in [{lo}, {hi}], outside [0, {n_values})")
-
-
-def check_mask(mask: torch.Tensor | None, name: str, ids: torch.Tensor) -> torch.Tensor | None:
-    """``mask``: (B, T) with 1/True = real token, 0/False = padding, matching ``ids``; returned as bool."""
-    if mask is None:
-        return None
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
-    if mask.shape != ids.shape:
-        raise ValueError(f"{name} must have shape {tuple(ids.shape)} (like input_ids), got {tuple(mask.shape)}")
-    if mask.device != ids.device:
-        raise ValueError(f"{name} is on {mask.device} but input_ids is on {ids.device}")
-    return mask if mask.dtype == torch.bool else mask != 0
-
-
-# ---- autocast: embeddings come out in the parameters' dtype; the ops cast the rest (utils.autocast_args) ----
-
-
-def autocast_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype activations should take: autocast's low-precision dtype when enabled on x's device, else x's."""
-    return utils.autocast_dtype(x) or x.dtype

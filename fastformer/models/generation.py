@@ -9,13 +9,53 @@ once as a CUDA graph. Greedy decoding is deterministic and matches Hugging Face 
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from fastformer.models.gpt import GPT, KVCache
+from fastformer import utils
+from fastformer.ops.ffn import linear
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, ``k[i]``, ``v[i]``: (B, max_len, nh, hs).
+
+    Positions are written either by a Python int ``pos`` (any number of new tokens; attention then reads the
+    slice [0, pos + T) with causal masking), or by a one-element device tensor ``pos`` (one new token per row;
+    attention reads the whole cache with ``valid`` as its key mask). The second form has static shapes and no
+    host values, so a decoding step can be captured once as a CUDA graph and replayed.
+    """
+
+    def __init__(self, shape: tuple[int, int, int, int, int], device: torch.device, dtype: torch.dtype) -> None:
+        """shape: (n_layer, batch, max_len, n_head, head_dim)."""
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        batch, self.max_len = shape[1], shape[2]
+        self.valid = torch.zeros(batch, self.max_len, device=device, dtype=torch.bool)  # (B, max_len) written keys
+
+    def mark(self, pos: int | Tensor, T: int) -> None:
+        """Record that positions pos .. pos + T - 1 are about to be written (once per step, before the layers)."""
+        if isinstance(pos, Tensor):
+            self.valid.index_fill_(1, pos, True)
+        else:
+            self.valid[:, pos : pos + T] = True
+
+    def update(self, layer: int, pos: int | Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Store (B, T, nh, hs) keys/values at pos..; return the keys and values to attend to and their mask."""
+        if isinstance(pos, Tensor):
+            self.k[layer].index_copy_(1, pos, k)
+            self.v[layer].index_copy_(1, pos, v)
+            return self.k[layer], self.v[layer], self.valid  # (B, max_len, nh, hs) x2, (B, max_len)
+        T = k.shape[1]
+        self.k[layer, :, pos : pos + T] = k
+        self.v[layer, :, pos : pos + T] = v
+        return self.k[layer, :, : pos + T], self.v[layer, :, : pos + T], None  # (B, pos + T, nh, hs)
+
+    def layer(self, layer: int, pos: int | Tensor) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor | None]]:
+        """The ``kv_cache`` hook of one attention layer (see ``fastformer.nn.MultiheadSelfAttention``)."""
+        return lambda k, v: self.update(layer, pos, k, v)
 
 
 def filter_logits(
@@ -75,7 +115,7 @@ class DecodeStep:
     of a few hundred kernel launches from Python; elsewhere (and if capture fails) it runs eagerly.
     """
 
-    def __init__(self, model: GPT, cache: KVCache, batch: int, graph: bool) -> None:
+    def __init__(self, model: GenerationMixin, cache: KVCache, batch: int, graph: bool) -> None:
         dev = cache.k.device
         self.model, self.cache, self.graph = model, cache, None
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=dev)
@@ -113,54 +153,76 @@ class DecodeStep:
         return self.logits
 
 
-@torch.no_grad()
-def generate(
-    model: GPT,
-    input_ids: Tensor,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_token_id: int | None = None,
-    do_sample: bool = False,
-    generator: torch.Generator | None = None,
-    static: bool | None = None,
-) -> Tensor:
-    """Extend (B, T) prompts by up to ``max_new_tokens`` tokens; returns (B, T + n).
+class GenerationMixin:
+    """KV-cache decoding for a causal LM. The model provides ``config`` (``n_layer``, ``n_head``, ``head_dim``,
+    ``n_positions``), ``hidden_states(input_ids, cache=, pos=, check_values=)`` and ``lm_head_weight``."""
 
-    Sequences that emitted ``eos_token_id`` are padded with it afterwards, and decoding stops as soon as
-    every sequence has finished (so n may be smaller than max_new_tokens), as Hugging Face does.
-    ``static``: decode with static shapes (:class:`DecodeStep`, a CUDA graph on GPU); default on CUDA only.
-    """
-    _check_args(input_ids, max_new_tokens, temperature, top_k, top_p)
-    B, T = input_ids.shape
-    limit = model.config.n_positions
-    if T + max_new_tokens > limit:
-        raise ValueError(f"input_ids length {T} + max_new_tokens {max_new_tokens} exceeds n_positions {limit}")
-    if max_new_tokens == 0:
-        return input_ids
-    static = input_ids.is_cuda if static is None else static
-    was_training = model.training
-    model.eval()
-    try:
-        cache = model.new_cache(B, T + max_new_tokens)
-        decode = DecodeStep(model, cache, B, graph=True) if static and max_new_tokens > 1 else None
-        logits = model.step(input_ids, cache, 0)  # (B, V): the prompt in one pass, its ids checked
-        out = [input_ids]
-        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        for i in range(max_new_tokens):
-            nxt = next_token(logits, do_sample, temperature, top_k, top_p, generator)  # (B,)
-            if eos_token_id is not None:
-                nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
-                finished |= nxt == eos_token_id
-            out.append(nxt[:, None])
-            if i == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
-                break
-            pos = T + i
-            if decode is not None:
-                logits = decode(nxt[:, None], pos)
-            else:
-                logits = model.step(nxt[:, None], cache, pos, check_values=False)  # our own ids need no check
-        return torch.cat(out, dim=1)
-    finally:
-        model.train(was_training)
+    config: Any
+    training: bool
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KV cache for ``batch`` sequences of up to ``max_len`` tokens."""
+        w = self.lm_head_weight
+        cfg = self.config
+        dtype = dtype or utils.autocast_dtype(w) or w.dtype
+        return KVCache((cfg.n_layer, batch, max_len, cfg.n_head, cfg.head_dim), w.device, dtype)
+
+    @torch.no_grad()
+    def step(self, input_ids: Tensor, cache: KVCache, pos: int | Tensor, check_values: bool = True) -> Tensor:
+        """Run (B, T) new tokens at positions pos.. through the cache; returns last-position logits (B, V).
+
+        ``pos`` an int: any T; ``pos`` a (1,) int64 tensor on the model's device: T = 1, static shapes."""
+        h = self.hidden_states(input_ids, cache=cache, pos=pos, check_values=check_values)  # (B, T, C)
+        return linear(h[:, -1], self.lm_head_weight, backend=self.config.backend)  # (B, V)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        do_sample: bool = False,
+        generator: torch.Generator | None = None,
+        static: bool | None = None,
+    ) -> Tensor:
+        """Extend (B, T) prompts by up to ``max_new_tokens`` tokens; returns (B, T + n).
+
+        Sequences that emitted ``eos_token_id`` are padded with it afterwards, and decoding stops as soon as
+        every sequence has finished (so n may be smaller than max_new_tokens), as Hugging Face does.
+        ``static``: decode with static shapes (:class:`DecodeStep`, a CUDA graph on GPU); default on CUDA only.
+        """
+        _check_args(input_ids, max_new_tokens, temperature, top_k, top_p)
+        B, T = input_ids.shape
+        limit = self.config.n_positions
+        if T + max_new_tokens > limit:
+            raise ValueError(f"input_ids length {T} + max_new_tokens {max_new_tokens} exceeds n_positions {limit}")
+        if max_new_tokens == 0:
+            return input_ids
+        static = input_ids.is_cuda if static is None else static
+        was_training = self.training
+        self.eval()
+        try:
+            cache = self.new_cache(B, T + max_new_tokens)
+            decode = DecodeStep(self, cache, B, graph=True) if static and max_new_tokens > 1 else None
+            logits = self.step(input_ids, cache, 0)  # (B, V): the prompt in one pass, its ids checked
+            out = [input_ids]
+            finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+            for i in range(max_new_tokens):
+                nxt = next_token(logits, do_sample, temperature, top_k, top_p, generator)  # (B,)
+                if eos_token_id is not None:
+                    nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
+                    finished |= nxt == eos_token_id
+                out.append(nxt[:, None])
+                if i == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+                    break
+                pos = T + i
+                if decode is not None:
+                    logits = decode(nxt[:, None], pos)
+                else:
+                    logits = self.step(nxt[:, None], cache, pos, check_values=False)  # our own ids need no check
+            return torch.cat(out, dim=1)
+        finally:
+            self.train(was_training)

@@ -2,12 +2,14 @@
 
 Name mapping (HF -> ours), applied after stripping the HF wrapper prefix (``transformer.`` / ``bert.``):
 
-- GPT-2: names are nanoGPT's, i.e. HF's; Conv1D weights (in, out) are transposed to nn.Linear's (out, in);
-  ``lm_head.weight`` is the tied embedding and the causal-mask buffers ``attn.bias``/``attn.masked_bias`` are dropped.
+- GPT-2: ``attn.c_attn`` -> ``attn.qkv``, ``attn.c_proj`` -> ``attn.out_proj``, ``mlp.c_fc`` -> ``mlp.fc1``,
+  ``mlp.c_proj`` -> ``mlp.fc2`` (the fastformer.nn modules' names), the rest unchanged; Conv1D weights (in, out) are
+  transposed to nn.Linear's (out, in); ``lm_head.weight`` is the tied embedding and the causal-mask buffers
+  ``attn.bias``/``attn.masked_bias`` are dropped.
 - BERT: ``embeddings.{word,position,token_type}_embeddings`` -> ``wte``/``wpe``/``wtt``, ``embeddings.LayerNorm`` ->
   ``ln_emb``; per layer ``attention.self.{query,key,value}`` are concatenated into ``attn.qkv``,
-  ``attention.output.dense`` -> ``attn.proj``, ``attention.output.LayerNorm`` -> ``ln_1``, ``intermediate.dense`` ->
-  ``fc``, ``output.dense`` -> ``proj``, ``output.LayerNorm`` -> ``ln_2``; ``pooler.dense`` -> ``pooler``; heads
+  ``attention.output.dense`` -> ``attn.out_proj``, ``attention.output.LayerNorm`` -> ``ln_1``,
+  ``intermediate.dense`` -> ``ffn.fc1``, ``output.dense`` -> ``ffn.fc2``, ``output.LayerNorm`` -> ``ln_2``; ``pooler.dense`` -> ``pooler``; heads
   ``cls.predictions.transform.{dense,LayerNorm}`` -> ``mlm.{dense,ln}``, ``cls.predictions.bias`` -> ``mlm.bias``,
   ``cls.seq_relationship`` -> ``nsp``, ``classifier`` -> ``classifier``. Old ``gamma``/``beta`` names are accepted.
 
@@ -32,15 +34,21 @@ from fastformer.models.config import BertConfig, GPTConfig
 # state-dict entries that are derived buffers, never weights
 _IGNORED = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|position_ids|token_type_ids)$")
 _CONV1D = re.compile(r"\.(c_attn|c_proj|c_fc)\.weight$")
+_GPT2_RULES = [
+    (r"\.attn\.c_attn\.", ".attn.qkv."),
+    (r"\.attn\.c_proj\.", ".attn.out_proj."),
+    (r"\.mlp\.c_fc\.", ".mlp.fc1."),
+    (r"\.mlp\.c_proj\.", ".mlp.fc2."),
+]
 _BERT_RULES = [
     (r"embeddings\.word_embeddings\.", "wte."),
     (r"embeddings\.position_embeddings\.", "wpe."),
     (r"embeddings\.token_type_embeddings\.", "wtt."),
     (r"embeddings\.LayerNorm\.", "ln_emb."),
-    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"h.\1.attn.proj."),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"h.\1.attn.out_proj."),
     (r"encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.", r"h.\1.ln_1."),
-    (r"encoder\.layer\.(\d+)\.intermediate\.dense\.", r"h.\1.fc."),
-    (r"encoder\.layer\.(\d+)\.output\.dense\.", r"h.\1.proj."),
+    (r"encoder\.layer\.(\d+)\.intermediate\.dense\.", r"h.\1.ffn.fc1."),
+    (r"encoder\.layer\.(\d+)\.output\.dense\.", r"h.\1.ffn.fc2."),
     (r"encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"h.\1.ln_2."),
     (r"pooler\.dense\.", "pooler."),
     (r"cls\.predictions\.transform\.dense\.", "mlm.dense."),
@@ -63,7 +71,11 @@ def convert_gpt2(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], list
         if _IGNORED.search(key) or key == "lm_head.weight":  # buffers; the head is tied to wte
             continue
         name = "transformer." + _strip(key, "transformer.")
-        out[name] = t.t() if _CONV1D.search(name) and t.dim() == 2 else t
+        if _CONV1D.search(name) and t.dim() == 2:
+            t = t.t()
+        for pattern, repl in _GPT2_RULES:
+            name = re.sub(pattern, repl, name)
+        out[name] = t
     return out, []
 
 

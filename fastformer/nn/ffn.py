@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastformer.ops.ffn import _check_activation, feed_forward
+from fastformer.ops import dropout
+from fastformer.ops.ffn import check_activation, feed_forward
 
 
 class FeedForward(nn.Module):
@@ -19,7 +20,7 @@ class FeedForward(nn.Module):
         d_model: input and output features.
         d_ff: hidden features (typically 4 * d_model).
         activation: None, "gelu", "gelu_tanh" or "relu".
-        dropout: dropout probability on the hidden activation while training, in [0, 1).
+        dropout_p: dropout probability on the hidden activation while training, in [0, 1).
         bias: whether both layers have a bias.
         recompute: recompute the hidden pre-activation in backward instead of keeping it.
         backend: fixed backend for this module (default: the ambient selection).
@@ -30,7 +31,7 @@ class FeedForward(nn.Module):
         d_model: int,
         d_ff: int,
         activation: str | None = "gelu",
-        dropout: float = 0.0,
+        dropout_p: float = 0.0,
         bias: bool = True,
         *,
         recompute: bool = False,
@@ -39,11 +40,9 @@ class FeedForward(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_activation(activation)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_activation(activation)
         self.activation = activation
-        self.dropout = float(dropout)
+        self.dropout_p = dropout.check_p(dropout_p)
         self.recompute = recompute
         self.backend = backend
         self.fc1 = nn.Linear(d_model, d_ff, bias=bias, device=device, dtype=dtype)
@@ -51,7 +50,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., d_model) -> (..., d_model)."""
-        p = self.dropout if self.training else 0.0
+        p = self.dropout_p if self.training else 0.0
         return feed_forward(
             x,
             self.fc1.weight,
@@ -65,4 +64,4 @@ class FeedForward(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"activation={self.activation!r}, dropout={self.dropout}, recompute={self.recompute}"
+        return f"activation={self.activation!r}, dropout_p={self.dropout_p}, recompute={self.recompute}"

@@ -6,7 +6,7 @@ pure-PyTorch backend and once on the fused backend (Triton on a GPU; on a CPU, T
 is slow, so the CPU run uses few steps and tiny models). Reported per run: final training loss, held-out
 accuracy (next-byte for GPT, masked-byte for BERT), training tokens per second and peak memory (GPU only).
 
-    python -c "from fastformer.models.study import run_study; run_study()"
+    python -c "from fastformer.study import run_study; run_study()"
 """
 
 from __future__ import annotations
