@@ -5,7 +5,6 @@ Shapes are odd on purpose (edges of every tile are masked). Exits non-zero if an
 
 from __future__ import annotations
 
-
 import torch
 
 import fastformer

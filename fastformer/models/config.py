@@ -135,9 +135,7 @@ class GPTConfig(_Config):
 
 
 def _bert_shape(hidden: int, layers: int, heads: int, ffn: int, **extra: Any) -> dict[str, Any]:
-    return dict(
-        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=ffn, **extra
-    )
+    return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=ffn, **extra)
 
 
 @dataclass

@@ -9,9 +9,10 @@ Name mapping (HF -> ours), applied after stripping the HF wrapper prefix (``tran
 - BERT: ``embeddings.{word,position,token_type}_embeddings`` -> ``wte``/``wpe``/``wtt``, ``embeddings.LayerNorm`` ->
   ``ln_emb``; per layer ``attention.self.{query,key,value}`` are concatenated into ``attn.qkv``,
   ``attention.output.dense`` -> ``attn.out_proj``, ``attention.output.LayerNorm`` -> ``ln_1``,
-  ``intermediate.dense`` -> ``ffn.fc1``, ``output.dense`` -> ``ffn.fc2``, ``output.LayerNorm`` -> ``ln_2``; ``pooler.dense`` -> ``pooler``; heads
-  ``cls.predictions.transform.{dense,LayerNorm}`` -> ``mlm.{dense,ln}``, ``cls.predictions.bias`` -> ``mlm.bias``,
-  ``cls.seq_relationship`` -> ``nsp``, ``classifier`` -> ``classifier``. Old ``gamma``/``beta`` names are accepted.
+  ``intermediate.dense`` -> ``ffn.fc1``, ``output.dense`` -> ``ffn.fc2``, ``output.LayerNorm`` -> ``ln_2``;
+  ``pooler.dense`` -> ``pooler``; heads ``cls.predictions.transform.{dense,LayerNorm}`` -> ``mlm.{dense,ln}``,
+  ``cls.predictions.bias`` -> ``mlm.bias``, ``cls.seq_relationship`` -> ``nsp``, ``classifier`` -> ``classifier``.
+  Old ``gamma``/``beta`` names are accepted.
 
 Keys present in the checkpoint but not in the model ("unexpected") and parameters the checkpoint does not
 provide ("missing", left at their random initialisation) are reported by name: a warning by default, a

@@ -109,7 +109,7 @@ def _layer_norm_bwd(dy, ds_out, s, mean, rstd, has_residual, *rest) -> tuple[Ten
     )
 
 
-def _layer_norm_bwd_fake(dy, ds_out, s, mean, rstd, has_residual, *rest) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _layer_norm_bwd_fake(_dy, _ds_out, s, _mean, _rstd, has_residual, *rest) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     a = LayerNormArgs(*rest)
     shape = _param_shape(s, a)
     wdtype = a.weight.dtype if a.weight is not None else s.dtype

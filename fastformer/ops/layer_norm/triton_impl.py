@@ -11,7 +11,6 @@ from fastformer.ops import dropout
 from fastformer.ops.layer_norm.op import LayerNormArgs, partial_rows, reduce_partials, row_stride
 
 
-
 def fwd(a: LayerNormArgs, x2: Tensor, r2: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     m, n = x2.shape
     store_s = a.stores_s(r2)
