@@ -77,10 +77,21 @@ def autocast_args(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     return [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors]
 
 
-def check_float(t: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES) -> None:
-    """TypeError naming ``name`` unless ``t`` is a tensor of one of ``dtypes``."""
+def check_tensor(t: object, name: str) -> None:
+    """TypeError naming ``name`` unless ``t`` is a tensor."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_device(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
+    """ValueError unless ``t`` is on ``ref``'s device."""
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; they must be on one device")
+
+
+def check_float(t: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES) -> None:
+    """TypeError naming ``name`` unless ``t`` is a tensor of one of ``dtypes``."""
+    check_tensor(t, name)
     if t.dtype not in dtypes:
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} must have a floating dtype ({allowed}), got {str(t.dtype).replace('torch.', '')}")
@@ -88,12 +99,10 @@ def check_float(t: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ...] = FL
 
 def check_like(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
     """TypeError/ValueError unless ``t`` shares ``ref``'s dtype and device."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_tensor(t, name)
     if t.dtype != ref.dtype:
         raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; they must match")
-    if t.device != ref.device:
-        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; they must be on one device")
+    check_device(t, name, ref, ref_name)
 
 
 def stream_handle(device: torch.device) -> int:

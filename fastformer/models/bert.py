@@ -33,6 +33,9 @@ from fastformer.ops.attention import pad_input, unpad_input
 from fastformer.ops.ffn import linear
 
 
+OptT = Tensor | None  # an optional (B, S) input of the transformers-style forward
+
+
 @dataclass
 class BertModelOutput:
     last_hidden_state: Tensor  # (B, S, C)
@@ -122,11 +125,7 @@ class BertModel(HFLoadable, nn.Module):
         self.apply(lambda m: _init_weights(m, config.initializer_range))
 
     def encode(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        token_type_ids: Tensor | None = None,
-        position_ids: Tensor | None = None,
+        self, input_ids: Tensor, attention_mask: OptT = None, token_type_ids: OptT = None, position_ids: OptT = None
     ) -> tuple[Tensor, Packing | None]:
         """Final hidden states, packed (N, C) with their Packing when attention_mask is given, else (B, S, C)."""
         cfg = self.config
@@ -167,11 +166,7 @@ class BertModel(HFLoadable, nn.Module):
         return torch.tanh(linear(hidden[:, 0], w, b, backend=self.config.backend))
 
     def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        token_type_ids: Tensor | None = None,
-        position_ids: Tensor | None = None,
+        self, input_ids: Tensor, attention_mask: OptT = None, token_type_ids: OptT = None, position_ids: OptT = None
     ) -> BertModelOutput:
         """input_ids and the optional (B, S) tensors -> last_hidden_state (B, S, C), pooler_output (B, C)."""
         h, packing = self.encode(input_ids, attention_mask, token_type_ids, position_ids)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from fastformer import utils
+
 
 def check_ids(ids: torch.Tensor, name: str, n_values: int | None, max_len: int | None = None) -> None:
     """``ids``: (B, T) integer token ids in [0, n_values) (unchecked when None), T <= max_len."""
-    if not isinstance(ids, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
+    utils.check_tensor(ids, name)
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
     if ids.dim() != 2:
@@ -26,10 +27,8 @@ def check_mask(mask: torch.Tensor | None, name: str, ids: torch.Tensor) -> torch
     """``mask``: (B, T) with 1/True = real token, 0/False = padding, matching ``ids``; returned as bool."""
     if mask is None:
         return None
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    utils.check_tensor(mask, name)
     if mask.shape != ids.shape:
         raise ValueError(f"{name} must have shape {tuple(ids.shape)} (like input_ids), got {tuple(mask.shape)}")
-    if mask.device != ids.device:
-        raise ValueError(f"{name} is on {mask.device} but input_ids is on {ids.device}")
+    utils.check_device(mask, name, ids, "input_ids")
     return mask if mask.dtype == torch.bool else mask != 0

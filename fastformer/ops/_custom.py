@@ -20,14 +20,7 @@ import torch
 A = TypeVar("A", bound="OpArgs")
 
 # dataclass annotation (a string under postponed evaluation) -> torch.library schema type
-_SCHEMA_TYPES = {
-    "Tensor": "Tensor",
-    "Tensor | None": "Tensor?",
-    "int": "SymInt",
-    "float": "float",
-    "bool": "bool",
-    "str": "str",
-}
+_SCHEMA_TYPES = {**{t: t for t in ("Tensor", "float", "bool", "str")}, "Tensor | None": "Tensor?", "int": "SymInt"}
 
 
 @dataclasses.dataclass(frozen=True)

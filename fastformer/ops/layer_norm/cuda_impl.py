@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from fastformer import _ext, utils
 from fastformer.ops import dropout
-from fastformer.ops.layer_norm.op import LayerNormArgs, partial_rows, reduce_partials, row_stride
+from fastformer.ops.layer_norm.op import (
+    LayerNormArgs,
+    bwd_buffers,
+    fwd_buffers,
+    partial_rows,
+    reduce_partials,
+    row_stride,
+)
 
 
 def fwd(a: LayerNormArgs, x2: Tensor, r2: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -16,10 +22,7 @@ def fwd(a: LayerNormArgs, x2: Tensor, r2: Tensor | None) -> tuple[Tensor, Tensor
     # the kernel reads weight and bias in x's dtype: cast the two short vectors, never the activations
     w = a.w.to(x2.dtype) if a.weight is not None else None
     b = a.b.to(x2.dtype) if a.bias is not None else None
-    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    s_out = torch.empty((m, n) if store_s else (0,), dtype=x2.dtype, device=x2.device)
-    mean = torch.empty(m, dtype=torch.float32, device=x2.device)
-    rstd = torch.empty_like(mean)
+    y, s_out, mean, rstd = fwd_buffers(x2, store_s)
     seed, thresh, _ = dropout.kernel_args(a.dropout_p, a.seed)
     _ext.load().layer_norm_fwd(
         x2.data_ptr(), utils.ptr(r2), utils.ptr(w), utils.ptr(b), y.data_ptr(), s_out.data_ptr() if store_s else 0,
@@ -33,20 +36,16 @@ def bwd(
     a: LayerNormArgs, dy2: Tensor, dso2: Tensor | None, s2: Tensor, mean: Tensor, rstd: Tensor, has_res: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     m, n = s2.shape
-    dev = s2.device
     # the kernel indexes rows densely
     dy2, s2 = dy2.contiguous(), s2.contiguous()
     dso2 = dso2.contiguous() if dso2 is not None else None
     w = a.w.to(s2.dtype) if a.weight is not None else None
-    grid = partial_rows(m, 1, dev)
-    dx = torch.empty((m, n), dtype=s2.dtype, device=dev)
-    dres = torch.empty((m, n), dtype=s2.dtype, device=dev) if has_res else None
-    dw_part = torch.zeros((grid, n), dtype=torch.float32, device=dev) if a.weight is not None else None
-    db_part = torch.zeros((grid, n), dtype=torch.float32, device=dev) if a.bias is not None else None
+    grid = partial_rows(m, 1, s2.device)
+    dx, dres, dw_part, db_part = bwd_buffers(a, s2, has_res, grid)
     seed, thresh, _ = dropout.kernel_args(a.dropout_p, a.seed)
     _ext.load().layer_norm_bwd(
         dy2.data_ptr(), utils.ptr(dso2), s2.data_ptr(), utils.ptr(w), mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(),
         utils.ptr(dres), utils.ptr(dw_part), utils.ptr(db_part), m, n, grid, seed, a.dropout_p, thresh,
-        utils.DTYPE_CODE[s2.dtype], utils.stream_handle(dev),
+        utils.DTYPE_CODE[s2.dtype], utils.stream_handle(s2.device),
     )  # fmt: skip
     return dx, dres if has_res else s2.new_empty(0), *reduce_partials(a, dw_part, db_part, s2)

@@ -63,6 +63,24 @@ def partial_rows(m: int, block_m: int, device: torch.device) -> int:
     return max(1, min(utils.cdiv(m, block_m), 4 * utils.sm_count(device)))
 
 
+def fwd_buffers(x2: Tensor, store_s: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Empty (y, s or a (0,) placeholder, mean, rstd) for (M, N) rows; statistics in fp32."""
+    m, n = x2.shape
+    mean = torch.empty(m, dtype=torch.float32, device=x2.device)
+    y, s = torch.empty_like(x2, memory_format=torch.contiguous_format), x2.new_empty((m, n) if store_s else (0,))
+    return y, s, mean, torch.empty_like(mean)
+
+
+def bwd_buffers(a: LayerNormArgs, s2: Tensor, has_res: bool, grid: int) -> tuple:
+    """(dx, dres or None, zeroed fp32 dW and dB partial rows (grid, N) or None) for the backward kernels."""
+    m, n = s2.shape
+    dx = torch.empty((m, n), dtype=s2.dtype, device=s2.device)
+    dres = torch.empty_like(dx) if has_res else None
+    dw_part = s2.new_zeros((grid, n), dtype=torch.float32) if a.weight is not None else None
+    db_part = s2.new_zeros((grid, n), dtype=torch.float32) if a.bias is not None else None
+    return dx, dres, dw_part, db_part
+
+
 def reduce_partials(a: LayerNormArgs, dw_part: Tensor | None, db_part: Tensor | None, s2: Tensor) -> tuple:
     """(dw, db) from the per-program partial rows; custom-op outputs may not alias: a fresh empty for each absent."""
     wdtype = a.weight.dtype if a.weight is not None else s2.dtype

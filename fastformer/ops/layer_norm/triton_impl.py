@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from fastformer import utils
 from fastformer.kernels.layer_norm import layer_norm_bwd_kernel, layer_norm_fwd_kernel
 from fastformer.ops import dropout
-from fastformer.ops.layer_norm.op import LayerNormArgs, partial_rows, reduce_partials, row_stride
+from fastformer.ops.layer_norm.op import (
+    LayerNormArgs,
+    bwd_buffers,
+    fwd_buffers,
+    partial_rows,
+    reduce_partials,
+    row_stride,
+)
 
 
 def fwd(a: LayerNormArgs, x2: Tensor, r2: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     m, n = x2.shape
     store_s = a.stores_s(r2)
-    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    s_out = torch.empty((m, n) if store_s else (0,), dtype=x2.dtype, device=x2.device)
-    mean = torch.empty(m, dtype=torch.float32, device=x2.device)
-    rstd = torch.empty_like(mean)
+    y, s_out, mean, rstd = fwd_buffers(x2, store_s)
     block_m, block_n, warps = utils.row_settings(n, x2.element_size())
     layer_norm_fwd_kernel[(utils.cdiv(m, block_m),)](
         x2, r2, a.w, a.b, y, s_out, mean, rstd, row_stride(x2), row_stride(r2), m, n, a.eps,
@@ -32,13 +35,9 @@ def bwd(
     a: LayerNormArgs, dy2: Tensor, dso2: Tensor | None, s2: Tensor, mean: Tensor, rstd: Tensor, has_res: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     m, n = s2.shape
-    dev = s2.device
     block_m, block_n, warps = utils.row_settings(n, s2.element_size())
-    grid = partial_rows(m, block_m, dev)
-    dx = torch.empty((m, n), dtype=s2.dtype, device=dev)
-    dres = torch.empty((m, n), dtype=s2.dtype, device=dev) if has_res else None
-    dw_part = torch.empty((grid, n), dtype=torch.float32, device=dev) if a.weight is not None else None
-    db_part = torch.empty((grid, n), dtype=torch.float32, device=dev) if a.bias is not None else None
+    grid = partial_rows(m, block_m, s2.device)
+    dx, dres, dw_part, db_part = bwd_buffers(a, s2, has_res, grid)
     layer_norm_bwd_kernel[(grid,)](
         dy2, dso2, s2, a.w, mean, rstd, dx, dres, dw_part, db_part,
         row_stride(dy2), row_stride(dso2), row_stride(s2), m, n, grid, *dropout.kernel_args(a.dropout_p, a.seed),
