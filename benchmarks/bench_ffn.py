@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
                 torch.autograd.backward(y, grad)
 
             try:
-                fwd_bwd()  # compile / autotune outside the timed region
+                # common.bench runs untimed warm-up calls first (compilation, autotuning); the memory is measured
+                # on one more step once they are done
                 times = {"fwd": common.bench(fwd), "fwd+bwd": common.bench(fwd_bwd)}
                 mem = _peak_mem_mb(fwd_bwd, on_gpu)
             except Exception as e:  # noqa: BLE001 - a failing peer is reported, not fatal

@@ -2,7 +2,8 @@
 // on the Python side); these kernels do everything around them in one pass each:
 //
 //   ffn_bias_act_fwd: y = dropout(act(z + bias)), optionally writing pre = z + bias back over z.
-//   ffn_act_bwd:      g <- g * act'(pre) * keep/(1-p) in place, optionally h = act(pre) * keep/(1-p).
+//   ffn_act_bwd:      g <- g * act'(pre) * keep/(1-p) in place, optionally h = act(pre) * keep/(1-p);
+//                     pre may be absent (0) when there is no activation.
 //
 // All tensors are contiguous (rows, cols); the dropout counter of element (r, c) is the flat offset
 // r * cols + c, as in the Triton kernels and the torch reference. Math is fp32. When cols is a multiple of
@@ -11,6 +12,9 @@
 #include "common.cuh"
 #include "dropout.cuh"
 #include "ops.h"
+
+#include <initializer_list>
+#include <type_traits>
 
 namespace fastformer {
 namespace {
@@ -50,125 +54,147 @@ __device__ __forceinline__ void act_and_grad(float x, int act, float& y, float& 
   }
 }
 
+// The activation and dropout settings of one launch, shared by both passes.
+struct Epilogue {
+  int act;
+  uint64_t seed;
+  uint32_t thresh;  // 24-bit keep threshold
+  float scale;      // 1 / (1 - p): exactly 1 without dropout
+  bool dropout;
+
+  // whether element i survives dropout (always, without dropout)
+  __device__ __forceinline__ bool keeps(int64_t i) const {
+    return !dropout || dropout_keep(seed, static_cast<uint64_t>(i), thresh);
+  }
+};
+
+// Grid-stride loop: f(i0) for the first element i0 of every VEC-element chunk this thread owns.
+template <int VEC, typename F>
+__device__ __forceinline__ void for_each_chunk(int64_t total, F&& f) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v < total / VEC; v += step) {
+    f(v * VEC);
+  }
+}
+
+template <int VEC, typename T>
+__device__ __forceinline__ Pack<T, VEC> load(const T* p, int64_t i) {
+  return *reinterpret_cast<const Pack<T, VEC>*>(p + i);
+}
+
+template <int VEC, typename T>
+__device__ __forceinline__ void store(T* p, int64_t i, const Pack<T, VEC>& v) {
+  *reinterpret_cast<Pack<T, VEC>*>(p + i) = v;
+}
+
 template <typename T, int VEC>
 __global__ void bias_act_fwd_kernel(T* __restrict__ z, const T* __restrict__ bias, T* __restrict__ y, bool store_pre,
-                                    int64_t total, int64_t cols, int act, uint64_t seed, uint32_t thresh, float scale,
-                                    bool dropout) {
-  using P = Pack<T, VEC>;
-  const int64_t nvec = total / VEC;
-  for (int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v < nvec;
-       v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i0 = v * VEC;
-    const P zin = *reinterpret_cast<const P*>(z + i0);
-    P b;
+                                    int64_t total, int64_t cols, Epilogue ep) {
+  for_each_chunk<VEC>(total, [&](int64_t i0) {
+    const Pack<T, VEC> zin = load<VEC>(z, i0);
+    Pack<T, VEC> b{}, out, pre;
     // cols % VEC == 0 on the vector path, so the VEC elements share one row and c0 .. c0+VEC-1 are in range
-    if (bias != nullptr) b = *reinterpret_cast<const P*>(bias + i0 % cols);
-    P out, pre;
+    if (bias != nullptr) b = load<VEC>(bias, i0 % cols);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const float x = to_f32(zin.v[j]) + (bias != nullptr ? to_f32(b.v[j]) : 0.f);
       float a, unused;
-      act_and_grad(x, act, a, unused);
-      if (dropout) a = dropout_keep(seed, static_cast<uint64_t>(i0 + j), thresh) ? a * scale : 0.f;
+      act_and_grad(x, ep.act, a, unused);
       pre.v[j] = from_f32<T>(x);
-      out.v[j] = from_f32<T>(a);
+      out.v[j] = from_f32<T>(ep.keeps(i0 + j) ? a * ep.scale : 0.f);
     }
-    *reinterpret_cast<P*>(y + i0) = out;
-    if (store_pre) *reinterpret_cast<P*>(z + i0) = pre;
-  }
+    store<VEC>(y, i0, out);
+    if (store_pre) store<VEC>(z, i0, pre);
+  });
 }
 
+// pre is nullptr when there is no activation (act' = 1): only the gradient and the mask are read
 template <typename T, int VEC>
 __global__ void act_bwd_kernel(T* __restrict__ g, const T* __restrict__ pre, T* __restrict__ h, int64_t total,
-                               int act, uint64_t seed, uint32_t thresh, float scale, bool dropout) {
-  using P = Pack<T, VEC>;
-  const int64_t nvec = total / VEC;
-  for (int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v < nvec;
-       v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i0 = v * VEC;
-    const P gin = *reinterpret_cast<const P*>(g + i0);
-    const P pin = *reinterpret_cast<const P*>(pre + i0);
-    P gout, hout;
+                               Epilogue ep) {
+  for_each_chunk<VEC>(total, [&](int64_t i0) {
+    const Pack<T, VEC> gin = load<VEC>(g, i0);
+    const Pack<T, VEC> pin = pre != nullptr ? load<VEC>(pre, i0) : Pack<T, VEC>{};
+    Pack<T, VEC> gout, hout;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       float a, d;
-      act_and_grad(to_f32(pin.v[j]), act, a, d);
-      float gg = to_f32(gin.v[j]) * d;
-      if (dropout) {
-        const bool keep = dropout_keep(seed, static_cast<uint64_t>(i0 + j), thresh);
-        gg = keep ? gg * scale : 0.f;
-        a = keep ? a * scale : 0.f;
-      }
-      gout.v[j] = from_f32<T>(gg);
-      hout.v[j] = from_f32<T>(a);
+      act_and_grad(to_f32(pin.v[j]), ep.act, a, d);
+      const bool keep = ep.keeps(i0 + j);
+      gout.v[j] = from_f32<T>(keep ? to_f32(gin.v[j]) * d * ep.scale : 0.f);
+      hout.v[j] = from_f32<T>(keep ? a * ep.scale : 0.f);
     }
-    *reinterpret_cast<P*>(g + i0) = gout;
-    if (h != nullptr) *reinterpret_cast<P*>(h + i0) = hout;
-  }
+    store<VEC>(g, i0, gout);
+    if (h != nullptr) store<VEC>(h, i0, hout);
+  });
 }
 
 bool aligned16(uintptr_t p) { return p % 16 == 0; }
+
+void check_act(int act) {
+  if (act < kNone || act > kRelu) {
+    throw std::invalid_argument("fastformer._C: unknown activation code " + std::to_string(act));
+  }
+}
 
 unsigned grid_for(int64_t work) {
   const int64_t blocks = (work + kThreads - 1) / kThreads;
   return static_cast<unsigned>(blocks < 65536 ? (blocks > 0 ? blocks : 1) : 65536);
 }
 
-void check_act(int act) {
-  if (act < kNone || act > kRelu) throw std::invalid_argument("fastformer._C: unknown activation code " + std::to_string(act));
+// One elementwise pass over `total` elements: calls launch(tag, vec, grid, stream, ep) with `tag` a null const T*
+// of the dtype's type and vec.value the elements per thread: 16 bytes' worth when `unit` (the length a vector must
+// not cross) is a multiple of it and every pointer in `ptrs` is 16-byte aligned (0, an absent buffer, is), else 1.
+template <typename Launch>
+void launch_elementwise(int64_t total, int64_t unit, std::initializer_list<uintptr_t> ptrs, int act, uint64_t seed,
+                        double p, uint32_t thresh24, int dtype, uintptr_t stream, Launch launch) {
+  if (total == 0) return;
+  const Epilogue ep{act, seed, thresh24, static_cast<float>(1.0 / (1.0 - p)), p > 0.0};
+  const auto s = reinterpret_cast<cudaStream_t>(stream);
+  FF_DISPATCH_FLOAT(dtype, T, {
+    constexpr int kVec = 16 / sizeof(T);
+    bool vec = unit % kVec == 0;
+    for (const uintptr_t q : ptrs) vec = vec && aligned16(q);
+    const T* tag = nullptr;
+    if (vec) {
+      launch(tag, std::integral_constant<int, kVec>{}, grid_for(total / kVec), s, ep);
+    } else {
+      launch(tag, std::integral_constant<int, 1>{}, grid_for(total), s, ep);
+    }
+    FF_LAUNCH_CHECK();
+  });
 }
+
+template <typename Tag>
+using Elem = std::remove_const_t<std::remove_pointer_t<Tag>>;
 
 }  // namespace
 
 void ffn_bias_act_fwd(uintptr_t z, uintptr_t bias, uintptr_t y, int store_pre, int64_t rows, int64_t cols, int act,
                       uint64_t seed, double p, uint32_t thresh24, int dtype, uintptr_t stream) {
   check_act(act);
-  const int64_t total = rows * cols;
-  if (total == 0) return;
-  const auto s = reinterpret_cast<cudaStream_t>(stream);
-  const bool dropout = p > 0.0;
-  const float scale = static_cast<float>(1.0 / (1.0 - p));
-  FF_DISPATCH_FLOAT(dtype, T, {
-    constexpr int kVec = 16 / sizeof(T);
-    const bool vec = cols % kVec == 0 && aligned16(z) && aligned16(y) && (bias == 0 || aligned16(bias));
-    T* zp = reinterpret_cast<T*>(z);
-    const T* bp = reinterpret_cast<const T*>(bias);
-    T* yp = reinterpret_cast<T*>(y);
-    if (vec) {
-      bias_act_fwd_kernel<T, kVec><<<grid_for(total / kVec), kThreads, 0, s>>>(
-          zp, bp, yp, store_pre != 0, total, cols, act, seed, thresh24, scale, dropout);
-    } else {
-      bias_act_fwd_kernel<T, 1><<<grid_for(total), kThreads, 0, s>>>(zp, bp, yp, store_pre != 0, total, cols, act,
-                                                                       seed, thresh24, scale, dropout);
-    }
-    FF_LAUNCH_CHECK();
-  });
+  // the bias is indexed by column: a vector must not cross a row
+  launch_elementwise(rows * cols, cols, {z, bias, y}, act, seed, p, thresh24, dtype, stream,
+                     [&](auto tag, auto vec, unsigned grid, cudaStream_t s, const Epilogue& ep) {
+                       using T = Elem<decltype(tag)>;
+                       bias_act_fwd_kernel<T, decltype(vec)::value><<<grid, kThreads, 0, s>>>(
+                           reinterpret_cast<T*>(z), reinterpret_cast<const T*>(bias), reinterpret_cast<T*>(y),
+                           store_pre != 0, rows * cols, cols, ep);
+                     });
 }
 
 void ffn_act_bwd(uintptr_t g, uintptr_t pre, uintptr_t h, int64_t rows, int64_t cols, int act, uint64_t seed, double p,
                  uint32_t thresh24, int dtype, uintptr_t stream) {
   check_act(act);
-  const int64_t total = rows * cols;
-  if (total == 0) return;
-  const auto s = reinterpret_cast<cudaStream_t>(stream);
-  const bool dropout = p > 0.0;
-  const float scale = static_cast<float>(1.0 / (1.0 - p));
-  FF_DISPATCH_FLOAT(dtype, T, {
-    constexpr int kVec = 16 / sizeof(T);
-    // flat contiguous buffers: only the total length and the alignment decide the vector path
-    const bool vec = total % kVec == 0 && aligned16(g) && aligned16(pre) && (h == 0 || aligned16(h));
-    T* gp = reinterpret_cast<T*>(g);
-    const T* pp = reinterpret_cast<const T*>(pre);
-    T* hp = reinterpret_cast<T*>(h);
-    if (vec) {
-      act_bwd_kernel<T, kVec><<<grid_for(total / kVec), kThreads, 0, s>>>(gp, pp, hp, total, act, seed, thresh24,
-                                                                           scale, dropout);
-    } else {
-      act_bwd_kernel<T, 1><<<grid_for(total), kThreads, 0, s>>>(gp, pp, hp, total, act, seed, thresh24, scale,
-                                                                 dropout);
-    }
-    FF_LAUNCH_CHECK();
-  });
+  if (pre == 0 && act != kNone) throw std::invalid_argument("fastformer._C: ffn_act_bwd needs pre for an activation");
+  // flat contiguous buffers: only the total length and the alignment decide the vector path
+  launch_elementwise(rows * cols, rows * cols, {g, pre, h}, act, seed, p, thresh24, dtype, stream,
+                     [&](auto tag, auto vec, unsigned grid, cudaStream_t s, const Epilogue& ep) {
+                       using T = Elem<decltype(tag)>;
+                       act_bwd_kernel<T, decltype(vec)::value><<<grid, kThreads, 0, s>>>(
+                           reinterpret_cast<T*>(g), reinterpret_cast<const T*>(pre), reinterpret_cast<T*>(h),
+                           rows * cols, ep);
+                     });
 }
 
 }  // namespace fastformer

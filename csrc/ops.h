@@ -22,7 +22,7 @@ void layer_norm_bwd(uintptr_t dy, uintptr_t dres_out, uintptr_t s, uintptr_t wei
 // y = dropout(act(z + bias)); with store_pre, z becomes z + bias in place. act: 0 none, 1 gelu, 2 gelu_tanh, 3 relu.
 void ffn_bias_act_fwd(uintptr_t z, uintptr_t bias, uintptr_t y, int store_pre, int64_t rows, int64_t cols, int act,
                       uint64_t seed, double p, uint32_t thresh24, int dtype, uintptr_t stream);
-// g <- g * act'(pre) * keep/(1-p) in place; if h != 0, h = act(pre) * keep/(1-p).
+// g <- g * act'(pre) * keep/(1-p) in place; if h != 0, h = act(pre) * keep/(1-p). pre may be 0 when act is 0 (none).
 void ffn_act_bwd(uintptr_t g, uintptr_t pre, uintptr_t h, int64_t rows, int64_t cols, int act, uint64_t seed, double p,
                  uint32_t thresh24, int dtype, uintptr_t stream);
 

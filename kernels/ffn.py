@@ -21,7 +21,7 @@ writing d(pre) once, which the dX and dW GEMMs then read as a plain operand.
 Tiles are visited in groups of GROUP_M rows of tiles so that neighbouring programs share A and B
 tiles in L2. Rows use modular indexing (always in bounds) and K is masked, so any M, N, K works;
 pointer offsets are int64. fp32 inputs use ``DOT_PRECISION`` ("ieee", or "tf32" on GPU when torch
-allows it). Dropout draws from the shared Philox stream (kernels/random.py) at the flat int64 element
+allows it). Dropout draws from the shared Philox stream (kernels/dropout.py) at the flat int64 element
 offset ``row * N + col``.
 
 Limits: outputs C/AUX/H are contiguous (M, N); inputs may have any strides. bf16 runs only on GPU
@@ -77,15 +77,15 @@ def _act_and_grad(
 
 @triton.jit
 def linear_kernel(
-    a_ptr,  # A (M, K), any strides
-    b_ptr,  # B (K, N), any strides (the weight seen as (in, out) in either storage layout)
-    c_ptr,  # C (M, N) contiguous output
-    bias_ptr,  # (N,) bias, read when HAS_BIAS
-    aux_ptr,  # (M, N) contiguous pre-activation: written in epilogue 0 (STORE_AUX), read in epilogue 1
-    h_ptr,  # (M, N) contiguous activation output, written in epilogue 1 with STORE_AUX
-    M,  # rows of A and C
-    N,  # columns of B and C
-    K,  # reduction length
+    A,  # (M, K), any strides
+    B,  # (K, N), any strides (the weight seen as (in, out) in either storage layout)
+    BIAS,  # (N,) bias, read when HAS_BIAS
+    C,  # (M, N) contiguous output
+    AUX,  # (M, N) contiguous pre-activation: written in epilogue 0 (STORE_AUX), read in epilogue 1
+    H,  # (M, N) contiguous activation output, written in epilogue 1 with STORE_AUX
+    m,  # rows of A and C
+    n,  # columns of B and C
+    k,  # reduction length
     stride_am,  # A row stride (elements)
     stride_ak,  # A column stride
     stride_bk,  # B row stride
@@ -93,9 +93,9 @@ def linear_kernel(
     seed,  # Philox key of the dropout mask
     thresh,  # 24-bit keep threshold (threshold24(p))
     scale,  # 1 / (1 - p)
-    M_BUCKET,  # next power of two of M: autotune key only
-    N_BUCKET,  # next power of two of N: autotune key only
-    K_BUCKET,  # next power of two of K: autotune key only
+    m_bucket,  # next power of two of m: autotune key only  # noqa: ARG001
+    n_bucket,  # next power of two of n: autotune key only  # noqa: ARG001
+    k_bucket,  # next power of two of k: autotune key only  # noqa: ARG001
     HAS_BIAS: tl.constexpr,  # add bias (epilogue 0)
     ACT: tl.constexpr,  # 0 none, 1 gelu, 2 gelu_tanh, 3 relu
     DROPOUT: tl.constexpr,  # apply the dropout mask
@@ -108,8 +108,8 @@ def linear_kernel(
     GROUP_M: tl.constexpr,  # tile rows per L2 group
 ):
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_m = tl.cdiv(m, BLOCK_M)
+    num_pid_n = tl.cdiv(n, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
     group_id = pid // num_pid_in_group
     first_pid_m = group_id * GROUP_M
@@ -120,18 +120,18 @@ def linear_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # wrap edge rows/cols onto valid ones so A and B loads need no M/N mask; the store masks them
-    rows = (offs_m % M).to(tl.int64)
-    cols = (offs_n % N).to(tl.int64)
+    rows = (offs_m % m).to(tl.int64)
+    cols = (offs_n % n).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :].to(tl.int64) * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + cols[None, :] * stride_bn
+    a_ptrs = A + rows[:, None] * stride_am + offs_k[None, :].to(tl.int64) * stride_ak
+    b_ptrs = B + offs_k[:, None].to(tl.int64) * stride_bk + cols[None, :] * stride_bn
     # int64 step: BLOCK_K * stride can pass 2**31 for a transposed view of a large operand
     step_a = tl.full((), BLOCK_K, tl.int64) * stride_ak
     step_b = tl.full((), BLOCK_K, tl.int64) * stride_bk
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_left = K - k0
+    for k0 in range(0, k, BLOCK_K):
+        k_left = k - k0
         a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
         b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
@@ -140,58 +140,59 @@ def linear_kernel(
 
     out_rows = offs_m.to(tl.int64)
     out_cols = offs_n.to(tl.int64)
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    flat = out_rows[:, None] * N + out_cols[None, :]  # also the dropout counter
-    out_ty = c_ptr.dtype.element_ty
+    mask = (offs_m[:, None] < m) & (offs_n[None, :] < n)
+    flat = out_rows[:, None] * n + out_cols[None, :]  # also the dropout counter
+    out_ty = C.dtype.element_ty
 
     if EPILOGUE == 0:
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + out_cols, mask=offs_n < N, other=0.0).to(tl.float32)
+            bias = tl.load(BIAS + out_cols, mask=offs_n < n, other=0.0).to(tl.float32)
             acc += bias[None, :]
         if STORE_AUX:
-            tl.store(aux_ptr + flat, acc.to(out_ty), mask=mask)
+            tl.store(AUX + flat, acc.to(out_ty), mask=mask)
         y, _ = _act_and_grad(acc, ACT, False)
         if DROPOUT:
             y = tl.where(dropout_keep(seed, flat, thresh), y * scale, 0.0)
-        tl.store(c_ptr + flat, y.to(out_ty), mask=mask)
+        tl.store(C + flat, y.to(out_ty), mask=mask)
     else:
-        pre = tl.load(aux_ptr + flat, mask=mask, other=0.0).to(tl.float32)
+        pre = tl.load(AUX + flat, mask=mask, other=0.0).to(tl.float32)
         h, dact = _act_and_grad(pre, ACT, True)
         g = acc * dact
         if DROPOUT:
             keep = dropout_keep(seed, flat, thresh)
             g = tl.where(keep, g * scale, 0.0)
             h = tl.where(keep, h * scale, 0.0)
-        tl.store(c_ptr + flat, g.to(out_ty), mask=mask)
+        tl.store(C + flat, g.to(out_ty), mask=mask)
         if STORE_AUX:
-            tl.store(h_ptr + flat, h.to(out_ty), mask=mask)
+            tl.store(H + flat, h.to(out_ty), mask=mask)
 
 
 @triton.jit
 def act_grad_kernel(
-    dy_ptr,  # (M, N) gradient of the activation output, any strides
-    pre_ptr,  # (M, N) contiguous pre-activation
-    out_ptr,  # (M, N) contiguous d(pre)
-    M,  # rows
-    N,  # columns
+    DY,  # (M, N) gradient of the activation output, any strides
+    PRE,  # (M, N) contiguous pre-activation, read when ACT != 0
+    OUT,  # (M, N) contiguous d(pre)
+    m,  # rows
+    n,  # columns
     stride_dym,  # dy row stride
     stride_dyn,  # dy column stride
     seed,  # Philox key of the dropout mask
     thresh,  # 24-bit keep threshold
     scale,  # 1 / (1 - p)
-    ACT: tl.constexpr,  # 0 none, 1 gelu, 2 gelu_tanh, 3 relu
+    ACT: tl.constexpr,  # 0 none (PRE is not read: act' = 1), 1 gelu, 2 gelu_tanh, 3 relu
     DROPOUT: tl.constexpr,  # apply the dropout mask
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_N: tl.constexpr,  # columns per program
 ):
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    mask = (rows[:, None] < M) & (cols[None, :] < N)
-    flat = rows[:, None] * N + cols[None, :]
-    dy = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=mask, other=0.0)
-    pre = tl.load(pre_ptr + flat, mask=mask, other=0.0).to(tl.float32)
-    _, dact = _act_and_grad(pre, ACT, True)
-    g = dy.to(tl.float32) * dact
+    mask = (rows[:, None] < m) & (cols[None, :] < n)
+    flat = rows[:, None] * n + cols[None, :]
+    g = tl.load(DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=mask, other=0.0).to(tl.float32)
+    if ACT != 0:
+        pre = tl.load(PRE + flat, mask=mask, other=0.0).to(tl.float32)
+        _, dact = _act_and_grad(pre, ACT, True)
+        g = g * dact
     if DROPOUT:
         g = tl.where(dropout_keep(seed, flat, thresh), g * scale, 0.0)
-    tl.store(out_ptr + flat, g.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(OUT + flat, g.to(OUT.dtype.element_ty), mask=mask)

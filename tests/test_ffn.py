@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICE, HAS_GPU
 
 import fastformer
-from fastformer import utils
-from fastformer.ops import ffn
+from fastformer.ops import dropout, ffn
 from fastformer.testing import assert_close_2x
 
 ACTS = [None, "gelu", "gelu_tanh", "relu"]
@@ -56,26 +57,30 @@ LINEAR_CASES = [
 ]
 
 
-def _run_linear_case(M, K, N, act, bias, dtype, layout, lead, noncontig, backend, recompute=False):
+def _run_linear_case(M, K, N, act, bias, dtype, layout, lead, noncontig, backend, recompute=False, p=0.0):
     lead = lead or (M,)
     x = torch.randn(*lead, K, device=DEVICE).to(dtype)
     if noncontig:
         x = _noncontig(x)
     x.requires_grad_()
     w, b = _weights(K, N, dtype, layout, bias)
-    y = fastformer.linear(x, w, b, act, weight_layout=layout, recompute=recompute, backend=backend)
+    state = torch.get_rng_state()
+    y = fastformer.linear(x, w, b, act, dropout_p=p, weight_layout=layout, recompute=recompute, backend=backend)
+    torch.set_rng_state(state)
+    seed_t = dropout.new_seed(p)  # the seed linear drew (none, and no draw, when p == 0)
+    seed = int(seed_t) if seed_t is not None else None
     g = torch.randn(*lead, N, device=DEVICE).to(dtype)
     if noncontig:
         g = _noncontig(g)
     ours = [y, *_grads(y, [x, w, b], g)]
-    pt_y = ffn.reference_linear(x, w, b, act, layout)
+    pt_y = ffn.linear_reference(x, w, b, act, layout, p, seed)
     pt = [pt_y, *_grads(pt_y, [x, w, b], g)]
     x64, w64, b64 = _as64([x, w, b])
-    ref_y = ffn.reference_linear(x64, w64, b64, act, layout)
+    ref_y = ffn.linear_reference(x64, w64, b64, act, layout, p, seed)
     ref = [ref_y, *_grads(ref_y, [x64, w64, b64], g.double())]
-    for name, o, r, p in zip(["out", "dx", "dw", "db"], ours, ref, pt, strict=False):
+    for name, o, r, q in zip(["out", "dx", "dw", "db"], ours, ref, pt, strict=False):
         assert o.dtype == dtype and o.shape == r.shape
-        assert_close_2x(name, o, r, p)
+        assert_close_2x(name, o, r, q)
 
 
 @pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-{c[3]}-{str(c[5])[6:]}-{c[6]}")
@@ -88,6 +93,25 @@ def test_linear_triton_vs_float64(case):
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_linear_every_activation(act, bias, backend):
     _run_linear_case(33, 65, 127, act, bias, torch.float32, "out_in", (3, 11), True, backend, recompute=act == "gelu")
+
+
+# (M, K, N, activation, bias, dtype, layout, lead shape, non-contiguous, recompute, dropout_p): odd shapes, both
+# dtypes, with and without an activation (without one, backward needs only the mask, not the pre-activation)
+LINEAR_DROPOUT_CASES = [
+    (33, 65, 127, "gelu", True, torch.float32, "out_in", (3, 11), True, False, 0.3),
+    (65, 7, 130, None, False, torch.float16, "in_out", None, False, False, 0.5),
+    (7, 130, 65, "relu", True, torch.float16, "out_in", None, True, True, 0.1),
+    (127, 33, 65, "gelu_tanh", False, torch.float32, "in_out", (127,), False, True, 0.2),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize(
+    "case", LINEAR_DROPOUT_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-{c[3]}-{str(c[5])[6:]}-p{c[10]}"
+)
+def test_linear_dropout_vs_float64(case, backend):
+    *shape, recompute, p = case
+    _run_linear_case(*shape, backend, recompute=recompute, p=p)
 
 
 # (M, d, d_ff, activation, dtype, layout, dropout_p, recompute, backend)
@@ -115,10 +139,10 @@ def test_feed_forward_vs_float64(case):
     seed = int(seed_t) if seed_t is not None else None
     g = _noncontig(torch.randn(M, d, device=DEVICE).to(dtype))
     ours = [out, *_grads(out, params, g)]
-    pt_out = ffn.reference_feed_forward(*params, act, p, seed, layout)
+    pt_out = ffn.feed_forward_reference(*params, act, p, seed, layout)
     pt = [pt_out, *_grads(pt_out, params, g)]
     p64 = _as64(params)
-    ref_out = ffn.reference_feed_forward(*p64, act, p, seed, layout)
+    ref_out = ffn.feed_forward_reference(*p64, act, p, seed, layout)
     ref = [ref_out, *_grads(ref_out, p64, g.double())]
     for name, o, r, q in zip(["out", "dx", "dw1", "db1", "dw2", "db2"], ours, ref, pt, strict=True):
         assert_close_2x(name, o, r, q)
@@ -146,12 +170,14 @@ def test_gelu_exact_against_torch_and_transformers():
             torch.testing.assert_close(dx.double(), dref, atol=2e-6, rtol=2e-6, msg=f"d{act} {backend}")
 
 
-def _identity_ffn(p: float, backend: str, seed: int = 7):
-    """feed_forward with W1 = W2 = I and no activation: the output is exactly the dropped hidden activation."""
+def _identity_ffn(p: float, backend: str, seed: int = 7, second_layer: bool = True):
+    """feed_forward (or linear) with W1 = W2 = I and no activation: the output is exactly the dropped activation."""
     n = 64
     x = (torch.rand(48, n, generator=torch.Generator().manual_seed(0)) + 0.5).to(DEVICE)
     eye = torch.eye(n, device=DEVICE)
     torch.manual_seed(seed)  # the dropout seed is drawn from torch's default generator
+    if not second_layer:
+        return x, fastformer.linear(x, eye, None, None, dropout_p=p, backend=backend)
     return x, fastformer.feed_forward(x, eye, None, eye, None, None, p, backend=backend)
 
 
@@ -170,6 +196,51 @@ def test_dropout_reproducible_binomial_and_backends_agree():
     n = kept.numel()
     mean, std = n * (1 - p), (n * p * (1 - p)) ** 0.5
     assert abs(kept.sum().item() - mean) < 5 * std, f"kept {kept.sum().item()} of {n}, expected ~{mean:.0f}"
+
+
+def test_linear_dropout_backends_draw_identical_masks():
+    p = 0.3
+    x, ref = _identity_ffn(p, "torch", second_layer=False)
+    assert (ref == 0).any() and (ref != 0).any()
+    for backend in ["triton"] + (["cuda"] if HAS_GPU else []):
+        _, y = _identity_ffn(p, backend, second_layer=False)
+        assert torch.equal(y == 0, ref == 0), f"{backend} and torch draw different masks for one seed"
+        torch.testing.assert_close(y, ref)
+    # the linear's mask is the feed-forward hidden layer's: same offsets row * N + col, same seed
+    _, ffn_out = _identity_ffn(p, "torch")
+    assert torch.equal(ffn_out == 0, ref == 0)
+    torch.testing.assert_close(ref[ref != 0], x[ref != 0] / (1 - p))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("act", [None, "gelu"])
+def test_linear_dropout_p0_is_exactly_no_dropout(backend, act):
+    x = torch.randn(9, 65, device=DEVICE, requires_grad=True)
+    w, b = _weights(65, 33, torch.float32, "out_in", True)
+    g = torch.randn(9, 33, device=DEVICE)
+    plain = fastformer.linear(x, w, b, act, backend=backend)
+    state = torch.get_rng_state()
+    zero = fastformer.linear(x, w, b, act, dropout_p=0.0, backend=backend)
+    assert torch.equal(torch.get_rng_state(), state), "dropout_p=0 must not draw a seed"
+    assert torch.equal(zero, plain)
+    for a, c in zip(_grads(zero, [x, w, b], g), _grads(plain, [x, w, b], g), strict=True):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize(
+    "p, exc, match",
+    [
+        (1.0, ValueError, r"dropout_p must be in \[0, 1\)"),
+        (-0.1, ValueError, r"dropout_p must be in \[0, 1\)"),
+        (float("nan"), ValueError, r"dropout_p must be in \[0, 1\)"),
+        ("0.1", TypeError, "dropout_p must be a float"),
+        (True, TypeError, "dropout_p must be a float"),
+        (None, TypeError, "dropout_p must be a float"),
+    ],
+)
+def test_linear_bad_dropout_p(p, exc, match):
+    with pytest.raises(exc, match=match):
+        fastformer.linear(torch.randn(3, 8), torch.randn(5, 8), None, "gelu", dropout_p=p, backend="torch")
 
 
 def test_dropout_p0_is_exactly_no_dropout():
@@ -192,7 +263,7 @@ def test_feed_forward_module_matches_two_linears():
     x = torch.randn(2, 7, 65, device=DEVICE)
     want = ref.fc2(F.gelu(ref.fc1(x), approximate="tanh"))
     torch.testing.assert_close(m(x), want, atol=1e-5, rtol=1e-5)
-    m_drop = fastformer.nn.FeedForward(65, 130, dropout=0.5).to(DEVICE)
+    m_drop = fastformer.nn.FeedForward(65, 130, dropout_p=0.5).to(DEVICE)
     m_drop.load_state_dict(ref.state_dict())
     m_drop.eval()
     torch.testing.assert_close(m_drop(x), fastformer.feed_forward(x, *ref.state_dict().values(), "gelu"))
@@ -229,11 +300,11 @@ def _good():
     ],
 )
 def test_feed_forward_bad_input(change, exc, match, monkeypatch):
-    def boom(*a, **k):
+    def boom(*_a, **_k):
         raise AssertionError("a kernel ran before validation")
 
-    for name in ffn._IMPL["ffn_fwd"]:
-        monkeypatch.setitem(ffn._IMPL["ffn_fwd"], name, boom)
+    for name in ("torch", "triton", "cuda"):
+        monkeypatch.setattr(importlib.import_module(f"fastformer.ops.ffn.{name}_impl"), "gemm", boom)
     args = {**_good(), "activation": "gelu", "dropout_p": 0.0, **change}
     layout = args.pop("weight_layout", "out_in")
     with pytest.raises(exc, match=match):
@@ -264,16 +335,15 @@ def test_opcheck(backend):
     b1 = torch.randn(9, device=DEVICE, requires_grad=True)
     w2 = torch.randn(7, 9, device=DEVICE, requires_grad=True)
     seed = torch.tensor(1234, dtype=torch.int64)
-    torch.library.opcheck(torch.ops.fastformer.linear_fwd.default, (x, w1, b1, "gelu", False, 0.0, None, True, backend))
-    torch.library.opcheck(
-        torch.ops.fastformer.ffn_fwd.default, (x, w1, b1, w2, None, "gelu_tanh", False, 0.25, seed, True, backend)
-    )
+    # (x, save_pre, w1, b1, w2, b2, activation, in_out, dropout_p, seed, backend): a linear has no second layer
+    linear_fwd, ffn_fwd = torch.ops.fastformer.linear_fwd.default, torch.ops.fastformer.ffn_fwd.default
+    torch.library.opcheck(linear_fwd, (x, True, w1, b1, None, None, "gelu", False, 0.0, None, backend))
+    torch.library.opcheck(ffn_fwd, (x, True, w1, b1, w2, None, "gelu_tanh", False, 0.25, seed, backend))
+    torch.library.opcheck(linear_fwd, (x, False, w1, None, None, None, "none", False, 0.25, seed, backend))
     # permuted-dense input and the Conv1D layout
     xt = torch.randn(7, 5, device=DEVICE).t().requires_grad_()
     w_io = torch.randn(7, 9, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(
-        torch.ops.fastformer.linear_fwd.default, (xt, w_io, None, "relu", True, 0.0, None, False, backend)
-    )
+    torch.library.opcheck(linear_fwd, (xt, False, w_io, None, None, None, "relu", True, 0.0, None, backend))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -305,6 +375,7 @@ def test_bf16_and_cuda_backend_gpu(backend, act):
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             _run_linear_case(M, K, N, act, True, dtype, "out_in", None, True, backend)
             _run_linear_case(M, K, N, act, False, dtype, "in_out", None, False, backend, recompute=True)
+            _run_linear_case(M, K, N, act, True, dtype, "in_out", None, True, backend, recompute=True, p=0.1)
 
 
 @pytest.mark.gpu

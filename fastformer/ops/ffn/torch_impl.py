@@ -1,0 +1,109 @@
+"""The feed-forward block in pure PyTorch: the reference math, and the backend for CPU (fp32 intermediates).
+
+The backend's GEMMs compute in fp32 and round their results to the requested dtype; d(pre) stays fp32 between
+the GEMMs of backward, and h is rounded to the input dtype as the forward's was. The references compute in the
+input's dtype and are differentiable (tests call them on float64 copies).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastformer.ops import dropout
+from fastformer.ops.ffn.op import PLAIN, Epilogue
+
+
+def act_fn(pre: Tensor, activation: str | None) -> Tensor:
+    """Apply ``activation`` (None, "gelu", "gelu_tanh", "relu") elementwise."""
+    if activation in (None, "none"):
+        return pre
+    if activation == "gelu":
+        return F.gelu(pre)
+    if activation == "gelu_tanh":
+        return F.gelu(pre, approximate="tanh")
+    if activation == "relu":
+        return torch.relu(pre)
+    raise ValueError(f"activation: unknown activation {activation!r}")
+
+
+def act_grad(pre: Tensor, activation: str | None) -> Tensor:
+    """Derivative of ``activation`` at ``pre`` (relu' is 0 at 0, as torch's relu backward)."""
+    if activation in (None, "none"):
+        return torch.ones_like(pre)
+    if activation == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(pre * (1.0 / math.sqrt(2.0))))
+        pdf = torch.exp(-0.5 * pre * pre) * (1.0 / math.sqrt(2.0 * math.pi))
+        return cdf + pre * pdf
+    if activation == "gelu_tanh":
+        c = math.sqrt(2.0 / math.pi)
+        t = torch.tanh(c * (pre + 0.044715 * pre**3))
+        return 0.5 * (1.0 + t) + 0.5 * pre * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * pre * pre)
+    if activation == "relu":
+        return (pre > 0).to(pre.dtype)
+    raise ValueError(f"activation: unknown activation {activation!r}")
+
+
+def _act_dropout(pre: Tensor, activation: str | None, p: float, seed: Tensor | int | None) -> Tensor:
+    """dropout(act(pre)) on (rows, cols), the mask at offsets row * cols + col."""
+    y = act_fn(pre, activation)
+    return dropout.apply(y, seed, p) if p > 0 else y
+
+
+def linear_reference(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    activation: str | None = None,
+    weight_layout: str = "out_in",
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+) -> Tensor:
+    """Plain differentiable torch math in ``x``'s dtype: ``dropout(act(x @ W^T + b))``; x: (..., in).
+
+    ``weight`` is (out, in), or (in, out) with ``weight_layout="in_out"``. The dropout mask is the one every
+    backend draws for ``seed`` (no dropout when it is None).
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    pre = x2 @ (weight if weight_layout == "in_out" else weight.t())
+    if bias is not None:
+        pre = pre + bias
+    y = _act_dropout(pre, activation, dropout_p if seed is not None else 0.0, seed)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def feed_forward_reference(x, w1, b1, w2, b2, activation="gelu", dropout_p=0.0, seed=None, weight_layout="out_in"):
+    """Plain differentiable torch math: ``dropout(act(x @ W1^T + b1)) @ W2^T + b2`` (b1, b2 may be None).
+
+    Arguments as for :func:`linear_reference`; returns a tensor in ``x``'s dtype.
+    """
+    h = linear_reference(x, w1, b1, activation, weight_layout, dropout_p, seed)
+    return linear_reference(h, w2, b2, None, weight_layout)
+
+
+def gemm(
+    a: Tensor, b: Tensor, out_dtype: torch.dtype, bias: Tensor | None = None, epi: Epilogue = PLAIN, store_pre=False
+) -> tuple[Tensor, Tensor | None]:
+    """(dropout(act(a @ b + bias)), a @ b + bias when store_pre else None), computed in fp32."""
+    f32 = torch.float32
+    pre = a.to(f32) @ b.to(f32)
+    if bias is not None:
+        pre = pre + bias.to(f32)
+    y = _act_dropout(pre, *epi)
+    return y.to(out_dtype), pre.to(out_dtype) if store_pre else None
+
+
+def grad_pre(dy: Tensor, w_t: Tensor | None, pre: Tensor | None, epi: Epilogue, want_h: bool) -> tuple:
+    """(fp32 d(pre) = (dy @ w_t or dy) * act'(pre) * keep/(1-p), h = dropout(act(pre)) in pre's dtype or None)."""
+    g = dy.to(torch.float32)
+    if w_t is not None:
+        g = g @ w_t.to(torch.float32)
+    pre32 = pre.to(torch.float32) if pre is not None else None  # None only without an activation
+    if epi.act != "none":
+        g = g * act_grad(pre32, epi.act)
+    if epi.dropout_p > 0:
+        g = dropout.apply(g, epi.seed, epi.dropout_p)
+    return g, _act_dropout(pre32, *epi).to(pre.dtype) if want_h else None
