@@ -47,6 +47,9 @@ setup(
     packages=[
         "fastformer",
         "fastformer.ops",
+        "fastformer.ops.attention",
+        "fastformer.ops.ffn",
+        "fastformer.ops.layer_norm",
         "fastformer.nn",
         "fastformer.models",
         "fastformer.kernels",
