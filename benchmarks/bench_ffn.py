@@ -45,17 +45,6 @@ def _providers(args, on_gpu: bool) -> dict[str, Callable[..., torch.Tensor]]:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def _peak_mem_mb(step: Callable[[], Any], on_gpu: bool) -> float | None:
-    if not on_gpu:
-        return None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
     dev = common.device()
@@ -90,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
                 # common.bench runs untimed warm-up calls first (compilation, autotuning); the memory is measured
                 # on one more step once they are done
                 times = {"fwd": common.bench(fwd), "fwd+bwd": common.bench(fwd_bwd)}
-                mem = _peak_mem_mb(fwd_bwd, on_gpu)
+                mem = common.peak_mem_mb(fwd_bwd)
             except Exception as e:  # noqa: BLE001 - a failing peer is reported, not fatal
                 rows.append({"model": model, "d": d, "tokens": tokens, "provider": name, "error": str(e)[:80]})
                 continue

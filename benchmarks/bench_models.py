@@ -51,17 +51,6 @@ def _time_ms(fn: Callable[[], Any], warmup: int, iters: int) -> float:
     return (time.perf_counter() - t0) * 1e3 / iters
 
 
-def _peak_mem_mb(fn: Callable[[], Any]) -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    _sync()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    _sync()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 def _matmul_params(model: torch.nn.Module, decoder: int) -> int:
     """Weights used in matmuls: every 2-D Linear weight plus the tied (V, d) decoder."""
     n = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
@@ -130,7 +119,7 @@ def bench_training(kind: str, args: Any, dev: torch.device, peak_tflops: float) 
 
         try:
             ms = _time_ms(step, warmup=3 if on_gpu else 1, iters=(5 if args.quick else 20) if on_gpu else 2)
-            mem = _peak_mem_mb(step)
+            mem = common.peak_mem_mb(step)
         except Exception as e:  # noqa: BLE001 - a failing peer is reported, not fatal
             rows.append({"task": f"train {kind}", "provider": name, "error": str(e)[:100]})
             continue

@@ -77,6 +77,18 @@ def peaks() -> dict[str, float]:
     }
 
 
+def peak_mem_mb(step: Callable[[], Any]) -> float | None:
+    """Peak CUDA memory (MiB) that one call of ``step`` allocates beyond what was live before; None without a GPU."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 

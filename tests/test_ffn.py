@@ -127,6 +127,10 @@ FFN_CASES = [
 
 @pytest.mark.parametrize("case", FFN_CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}-{c[3]}-p{c[6]}-{c[8]}")
 def test_feed_forward_vs_float64(case):
+    _check_feed_forward_vs_float64(case)
+
+
+def _check_feed_forward_vs_float64(case):
     M, d, d_ff, act, dtype, layout, p, recompute, backend = case
     x = _noncontig(torch.randn(M, d, device=DEVICE).to(dtype)).requires_grad_()
     w1, b1 = _weights(d, d_ff, dtype, layout, True)
@@ -389,7 +393,7 @@ def test_feed_forward_gpu_backends_agree(backend):
         torch.testing.assert_close(a, t)
     for case in FFN_CASES:
         for dtype in (torch.bfloat16, torch.float16):
-            test_feed_forward_vs_float64((*case[:4], dtype, *case[5:8], backend))
+            _check_feed_forward_vs_float64((*case[:4], dtype, *case[5:8], backend))
 
 
 @pytest.mark.parametrize("recompute", [False, True])
