@@ -247,6 +247,22 @@ def test_linear_bad_dropout_p(p, exc, match):
         fastformer.linear(torch.randn(3, 8), torch.randn(5, 8), None, "gelu", dropout_p=p, backend="torch")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton", *(["cuda"] if HAS_GPU else [])])
+def test_strided_biases(backend):
+    # biases that are views with stride 2 must be read as what they hold, forward and backward
+    x = torch.randn(5, 17, device=DEVICE, requires_grad=True)
+    w1, _ = _weights(17, 23, torch.float32, "out_in", False)
+    w2, _ = _weights(23, 11, torch.float32, "out_in", False)
+    b1 = torch.randn(46, device=DEVICE)[::2].requires_grad_()
+    b2 = torch.randn(22, device=DEVICE)[1::2].requires_grad_()
+    g = torch.randn(5, 11, device=DEVICE)
+    out = fastformer.feed_forward(x, w1, b1, w2, b2, "gelu", backend=backend)
+    ref = F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+    leaves = [x, w1, b1, w2, b2]
+    for o, r in zip([out, *_grads(out, leaves, g)], [ref, *_grads(ref, leaves, g)], strict=True):
+        torch.testing.assert_close(o, r, atol=1e-5, rtol=1e-5)
+
+
 def test_dropout_p0_is_exactly_no_dropout():
     x = torch.randn(9, 65, device=DEVICE)
     w1, b1 = _weights(65, 130, torch.float32, "out_in", True)

@@ -97,6 +97,21 @@ def test_non_contiguous_input_and_grad(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_weight_and_bias(backend):
+    # parameters that are views with stride 2 (e.g. a slice of a packed buffer) must be read as what they hold
+    x = torch.randn(7, 17, device=DEVICE, requires_grad=True)
+    r = torch.randn(7, 17, device=DEVICE)
+    w = torch.randn(34, device=DEVICE)[::2].requires_grad_()
+    b = torch.randn(34, device=DEVICE)[1::2].requires_grad_()
+    g = torch.randn(7, 17, device=DEVICE)
+    y, _ = fastformer.dropout_add_layer_norm(x, r, w, b, backend=backend)
+    ours = [y, *torch.autograd.grad(y, [x, w, b], g)]
+    yr = F.layer_norm(x + r, (17,), w, b)
+    for o, ref in zip(ours, [yr, *torch.autograd.grad(yr, [x, w, b], g)], strict=True):
+        torch.testing.assert_close(o, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_rows_give_empty_output(backend):
     x = torch.randn(0, 3, 8, device=DEVICE, requires_grad=True)
     w = torch.ones(8, device=DEVICE, requires_grad=True)

@@ -66,6 +66,8 @@ def _run(x, residual, weight, bias, shape, eps, p, backend, training):
     n = math.prod(shape)
     p = p if training else 0.0
     name = backends.select("layer_norm", x.device, backend, lambda b: _why_not(x, n, b))
+    # the kernels read weight and bias as flat unit-stride vectors (a no-op for the usual contiguous parameters)
+    weight, bias = (t.contiguous() if t is not None else None for t in (weight, bias))
     a = LayerNormArgs(weight, bias, n, float(eps), p, dropout.new_seed(p), name)
     return layer_norm_fwd(x, residual, *a.values())
 
