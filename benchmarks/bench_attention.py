@@ -34,9 +34,9 @@ def _sdpa_peer(name: str):
     return run
 
 
-def _flops(b: int, h: int, sq: int, sk: int, d: int, causal: bool, mode: str) -> float:
-    f = 4.0 * b * h * sq * sk * d / (2 if causal else 1)
-    return f * (3.5 if mode == "fwd+bwd" else 1.0)
+def _flops(b: int, h: int, sq: int, sk: int, d: int, causal: bool) -> float:
+    """Forward FLOPs; forward+backward counts 3.5 times as many (see :func:`_timed_rows`)."""
+    return 4.0 * b * h * sq * sk * d / (2 if causal else 1)
 
 
 def _time(fn, inputs, mode: str) -> float | None:
@@ -59,6 +59,26 @@ def _time(fn, inputs, mode: str) -> float | None:
         if "out of memory" in str(e).lower():
             torch.cuda.empty_cache()
         return None
+
+
+def _timed_rows(provs: dict, work: float, peak: float, head: dict, tail: dict | None = None) -> list[dict]:
+    """Forward and forward+backward rows of every provider: ms, TFLOP/s of ``work`` (the forward's FLOPs) and the
+    speed-up over the fastest torch SDPA peer; ``head`` and ``tail`` are the case's columns before and after."""
+    rows = []
+    for mode in ("fwd", "fwd+bwd"):
+        times = {n: _time(f, inp, mode) for n, (f, inp) in provs.items()}
+        sdpa = [t for n, t in times.items() if n.startswith("sdpa") and t is not None]
+        best = min(sdpa) if sdpa else None
+        for name, ms in times.items():
+            if ms is None:
+                continue
+            tf = work * (3.5 if mode == "fwd+bwd" else 1.0) / ms / 1e9
+            row = {**head, "mode": mode, "provider": name, "ms": ms, "TFLOP/s": tf, "%matmul": 100 * tf / peak}
+            row.update(tail or {})
+            if best is not None:
+                row["vs best sdpa"] = best / ms
+            rows.append(row)
+    return rows
 
 
 def _ours(backends: list[str]) -> dict:
@@ -107,30 +127,8 @@ def _dense_rows(dev, dtype, args, backends: list[str]) -> list[dict]:
                 lambda a, b_, c, _c=causal: F.scaled_dot_product_attention(a, b_, c, is_causal=_c),
                 (qt, kt, vt),
             )
-        for mode in ("fwd", "fwd+bwd"):
-            times = {n: _time(f, inp, mode) for n, (f, inp) in provs.items()}
-            sdpa = [t for n, t in times.items() if n.startswith("sdpa") and t is not None]
-            best = min(sdpa) if sdpa else None
-            for name, ms in times.items():
-                if ms is None:
-                    continue
-                tf = _flops(b, h, s, s, d, causal, mode) / ms / 1e9
-                row = {
-                    "case": "dense",
-                    "seqlen": s,
-                    "d": d,
-                    "B": b,
-                    "H": h,
-                    "causal": causal,
-                    "mode": mode,
-                    "provider": name,
-                    "ms": ms,
-                    "TFLOP/s": tf,
-                    "%matmul": 100 * tf / peak,
-                }
-                if best is not None:
-                    row["vs best sdpa"] = best / ms
-                rows.append(row)
+        head = {"case": "dense", "seqlen": s, "d": d, "B": b, "H": h, "causal": causal}
+        rows += _timed_rows(provs, _flops(b, h, s, s, d, causal), peak, head)
         del q, k, v, qt, kt, vt
     return rows
 
@@ -166,33 +164,9 @@ def _padded_rows(dev, dtype, args, backends: list[str]) -> list[dict]:
     for name in names:
         f = _sdpa_peer(name) if dev.type == "cuda" else F.scaled_dot_product_attention
         provs[name] = (lambda x, _f=f: _f(x[0], x[1], x[2], attn_mask=sdpa_mask), (qkv_t,))
-    rows = []
-    for mode in ("fwd", "fwd+bwd"):
-        times = {n: _time(fn, inp, mode) for n, (fn, inp) in provs.items()}
-        sdpa = [t for n, t in times.items() if n.startswith("sdpa") and t is not None]
-        best = min(sdpa) if sdpa else None
-        for name, ms in times.items():
-            if ms is None:
-                continue
-            tf = useful * (3.5 if mode == "fwd+bwd" else 1.0) / ms / 1e9
-            row = {
-                "case": "bert-padded",
-                "seqlen": s,
-                "d": d,
-                "B": b,
-                "H": h,
-                "causal": False,
-                "mode": mode,
-                "provider": name,
-                "ms": ms,
-                "TFLOP/s": tf,
-                "%matmul": 100 * tf / peak,
-                "pad%": round(100 * (1 - mask.float().mean().item())),
-            }
-            if best is not None:
-                row["vs best sdpa"] = best / ms
-            rows.append(row)
-    return rows
+    head = {"case": "bert-padded", "seqlen": s, "d": d, "B": b, "H": h, "causal": False}
+    pad = round(100 * (1 - mask.float().mean().item()))
+    return _timed_rows(provs, useful, peak, head, {"pad%": pad})
 
 
 def _decode_rows(dev, dtype, args, backends: list[str]) -> list[dict]:

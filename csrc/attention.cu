@@ -1,6 +1,6 @@
 // Fused attention, forward and backward: a simple flash-style reference kernel set (the fast path is Triton).
 //
-// Layout and conventions are those of fastformer/ops/attention.py: q (B, Sq, H, D), k/v (B, Sk, Hkv, D) with
+// Layout and conventions are those of fastformer/ops/attention/: q (B, Sq, H, D), k/v (B, Sk, Hkv, D) with
 // any (batch, token, head) strides and a contiguous head dimension, or packed varlen rows addressed through
 // int32 cu_seqlens; lse is fp32 natural-log, +inf for rows that see no key; causal is bottom-right aligned;
 // dropout keeps element (row r, key j) by Philox at offset r * drop_stride + j, where r is the flat lse index.
@@ -125,67 +125,91 @@ __device__ __forceinline__ float dot_row(const float (&r)[kPerLane], const float
 }
 
 template <typename T>
+__device__ void store_row(T* base, const float (&r)[kPerLane], float scale, int64_t dim) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int t = 0; t < kPerLane; ++t) {
+    const int64_t d = lane + 32 * t;
+    if (d < dim) base[d] = from_f32<T>(r[t] * scale);
+  }
+}
+
+// The query tile of a forward or dQ block: kRowsPerBlock rows from m0 of one (batch, head), and its kv head.
+struct QTile {
+  int64_t b, h, hk, m0;
+  Seq s;
+};
+
+__device__ __forceinline__ QTile q_tile(const Params& p) {
+  const int64_t n_m = (p.seq_q + kRowsPerBlock - 1) / kRowsPerBlock;
+  const int64_t bh = blockIdx.x / n_m, b = bh / p.heads, h = bh % p.heads;
+  return {b, h, h / (p.heads / p.kv_heads), (blockIdx.x % n_m) * kRowsPerBlock, seq_of(p, b)};
+}
+
+// The key loop of the forward and dQ kernels: K/V tiles of kKeysPerTile keys up to the causal diagonal of the
+// block's rows are staged in shared memory (ks, vs as fp32); then, for each row slot r of this warp and each key j
+// that row sees, visit(r, row, jj, j) with row the lse index of the query and jj the key's slot in the tile.
+template <typename T, typename Visit>
+__device__ __forceinline__ void for_visible_keys(const Params& p, const QTile& qt, float* ks, float* vs,
+                                                 Visit&& visit) {
+  const int warp = threadIdx.x >> 5;
+  int64_t hi = qt.s.len_k;
+  if (p.causal) hi = imin(hi, qt.m0 + kRowsPerBlock + qt.s.len_k - qt.s.len_q);  // skip tiles past the diagonal
+  for (int64_t n0 = 0; n0 < hi; n0 += kKeysPerTile) {
+    __syncthreads();  // the previous tile is no longer read
+    stage_kv<T>(p, qt.b, qt.hk, qt.s, n0, ks, vs);
+    __syncthreads();
+    const int64_t n_end = imin(kKeysPerTile, hi - n0);
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const int64_t i = qt.m0 + warp * kRowsPerWarp + r;
+      if (i >= qt.s.len_q) break;
+      const int64_t row = lse_row(p, qt.b, qt.h, qt.s, i);
+      for (int64_t jj = 0; jj < n_end; ++jj) {
+        const int64_t j = n0 + jj;
+        if (!key_on(p, qt.b, j) || !causal_ok(p, qt.s, i, j)) continue;  // uniform over the warp
+        visit(r, row, jj, j);
+      }
+    }
+  }
+}
+
+template <typename T>
 __global__ void attn_fwd_kernel(Params p, T* out, Strides3 so, float* lse) {
   extern __shared__ float smem[];
   float* ks = smem;
   float* vs = smem + kKeysPerTile * p.dim;
-  const int64_t n_m = (p.seq_q + kRowsPerBlock - 1) / kRowsPerBlock;
-  const int64_t bh = blockIdx.x / n_m, b = bh / p.heads, h = bh % p.heads;
-  const int64_t hk = h / (p.heads / p.kv_heads);
-  const int64_t m0 = (blockIdx.x % n_m) * kRowsPerBlock;
-  const Seq s = seq_of(p, b);
-  if (m0 >= s.len_q) return;  // uniform over the block
+  const QTile qt = q_tile(p);
+  if (qt.m0 >= qt.s.len_q) return;  // uniform over the block
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
   float q[kRowsPerWarp][kPerLane], acc[kRowsPerWarp][kPerLane], m[kRowsPerWarp], l[kRowsPerWarp];
   for (int r = 0; r < kRowsPerWarp; ++r) {
-    const int64_t i = m0 + warp * kRowsPerWarp + r;
-    const int64_t ii = i < s.len_q ? i : 0;
-    load_row(static_cast<const T*>(p.q) + at(p.sq, b, s.q0 + ii, h), p.dim, q[r]);
+    const int64_t i = qt.m0 + warp * kRowsPerWarp + r;
+    const int64_t ii = i < qt.s.len_q ? i : 0;
+    load_row(static_cast<const T*>(p.q) + at(p.sq, qt.b, qt.s.q0 + ii, qt.h), p.dim, q[r]);
     for (int t = 0; t < kPerLane; ++t) acc[r][t] = 0.f;
     m[r] = -INFINITY;
     l[r] = 0.f;
   }
-  int64_t hi = s.len_k;
-  if (p.causal) hi = imin(hi, m0 + kRowsPerBlock + s.len_k - s.len_q);  // skip tiles past the diagonal
-  for (int64_t n0 = 0; n0 < hi; n0 += kKeysPerTile) {
-    __syncthreads();  // the previous tile is no longer read
-    stage_kv<T>(p, b, hk, s, n0, ks, vs);
-    __syncthreads();
-    const int64_t n_end = imin(kKeysPerTile, hi - n0);
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      const int64_t i = m0 + warp * kRowsPerWarp + r;
-      if (i >= s.len_q) break;
-      const int64_t row = lse_row(p, b, h, s, i);
-      for (int64_t jj = 0; jj < n_end; ++jj) {
-        const int64_t j = n0 + jj;
-        if (!key_on(p, b, j) || !causal_ok(p, s, i, j)) continue;  // uniform over the warp
-        const float sc = dot_row(q[r], ks + jj * p.dim, p.dim) * p.scale;
-        const float m_new = fmaxf(m[r], sc);
-        const float alpha = expf(m[r] - m_new);  // 0 while no key has been seen (m = -inf)
-        const float e = expf(sc - m_new);
-        l[r] = l[r] * alpha + e;
-        const float w = e * keep_factor(p, row, j);
-#pragma unroll
-        for (int t = 0; t < kPerLane; ++t) {
-          const int64_t d = lane + 32 * t;
-          acc[r][t] = acc[r][t] * alpha + (d < p.dim ? w * vs[jj * p.dim + d] : 0.f);
-        }
-        m[r] = m_new;
-      }
-    }
-  }
-  for (int r = 0; r < kRowsPerWarp; ++r) {
-    const int64_t i = m0 + warp * kRowsPerWarp + r;
-    if (i >= s.len_q) break;
-    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-    T* o = out + at(so, b, s.q0 + i, h);
+  for_visible_keys<T>(p, qt, ks, vs, [&](int r, int64_t row, int64_t jj, int64_t j) {
+    const float sc = dot_row(q[r], ks + jj * p.dim, p.dim) * p.scale;
+    const float m_new = fmaxf(m[r], sc);
+    const float alpha = expf(m[r] - m_new);  // 0 while no key has been seen (m = -inf)
+    const float e = expf(sc - m_new);
+    l[r] = l[r] * alpha + e;
+    const float w = e * keep_factor(p, row, j);
 #pragma unroll
     for (int t = 0; t < kPerLane; ++t) {
       const int64_t d = lane + 32 * t;
-      if (d < p.dim) o[d] = from_f32<T>(acc[r][t] * inv);
+      acc[r][t] = acc[r][t] * alpha + (d < p.dim ? w * vs[jj * p.dim + d] : 0.f);
     }
-    if (lane == 0) lse[lse_row(p, b, h, s, i)] = l[r] > 0.f ? m[r] + logf(l[r]) : INFINITY;
+    m[r] = m_new;
+  });
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const int64_t i = qt.m0 + warp * kRowsPerWarp + r;
+    if (i >= qt.s.len_q) break;
+    store_row(out + at(so, qt.b, qt.s.q0 + i, qt.h), acc[r], l[r] > 0.f ? 1.f / l[r] : 0.f, p.dim);
+    if (lane == 0) lse[lse_row(p, qt.b, qt.h, qt.s, i)] = l[r] > 0.f ? m[r] + logf(l[r]) : INFINITY;
   }
 }
 
@@ -299,61 +323,37 @@ __global__ void attn_bwd_dq_kernel(Params p, const T* dout, Strides3 sdo, const 
   extern __shared__ float smem[];
   float* ks = smem;
   float* vs = smem + kKeysPerTile * p.dim;
-  const int64_t n_m = (p.seq_q + kRowsPerBlock - 1) / kRowsPerBlock;
-  const int64_t bh = blockIdx.x / n_m, b = bh / p.heads, h = bh % p.heads;
-  const int64_t hk = h / (p.heads / p.kv_heads);
-  const int64_t m0 = (blockIdx.x % n_m) * kRowsPerBlock;
-  const Seq s = seq_of(p, b);
-  if (m0 >= s.len_q) return;
+  const QTile qt = q_tile(p);
+  if (qt.m0 >= qt.s.len_q) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
   float q[kRowsPerWarp][kPerLane], g[kRowsPerWarp][kPerLane], acc[kRowsPerWarp][kPerLane];
   float lr[kRowsPerWarp], dl[kRowsPerWarp];
   for (int r = 0; r < kRowsPerWarp; ++r) {
-    const int64_t i = m0 + warp * kRowsPerWarp + r;
-    const bool ok = i < s.len_q;
+    const int64_t i = qt.m0 + warp * kRowsPerWarp + r;
+    const bool ok = i < qt.s.len_q;
     const int64_t ii = ok ? i : 0;
-    load_row(static_cast<const T*>(p.q) + at(p.sq, b, s.q0 + ii, h), p.dim, q[r]);
-    load_row(dout + at(sdo, b, s.q0 + ii, h), p.dim, g[r]);
+    load_row(static_cast<const T*>(p.q) + at(p.sq, qt.b, qt.s.q0 + ii, qt.h), p.dim, q[r]);
+    load_row(dout + at(sdo, qt.b, qt.s.q0 + ii, qt.h), p.dim, g[r]);
     for (int t = 0; t < kPerLane; ++t) acc[r][t] = 0.f;
-    lr[r] = ok ? lse[lse_row(p, b, h, s, i)] : INFINITY;
-    dl[r] = ok ? delta[lse_row(p, b, h, s, i)] : 0.f;
+    lr[r] = ok ? lse[lse_row(p, qt.b, qt.h, qt.s, i)] : INFINITY;
+    dl[r] = ok ? delta[lse_row(p, qt.b, qt.h, qt.s, i)] : 0.f;
   }
-  int64_t hi = s.len_k;
-  if (p.causal) hi = imin(hi, m0 + kRowsPerBlock + s.len_k - s.len_q);
-  for (int64_t n0 = 0; n0 < hi; n0 += kKeysPerTile) {
-    __syncthreads();
-    stage_kv<T>(p, b, hk, s, n0, ks, vs);
-    __syncthreads();
-    const int64_t n_end = imin(kKeysPerTile, hi - n0);
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      const int64_t i = m0 + warp * kRowsPerWarp + r;
-      if (i >= s.len_q) break;
-      const int64_t row = lse_row(p, b, h, s, i);
-      for (int64_t jj = 0; jj < n_end; ++jj) {
-        const int64_t j = n0 + jj;
-        if (!key_on(p, b, j) || !causal_ok(p, s, i, j)) continue;
-        const float sc = dot_row(q[r], ks + jj * p.dim, p.dim) * p.scale;
-        const float pr = expf(sc - lr[r]);
-        const float dp = dot_row(g[r], vs + jj * p.dim, p.dim) * keep_factor(p, row, j);
-        const float ds = pr * (dp - dl[r]);
-#pragma unroll
-        for (int t = 0; t < kPerLane; ++t) {
-          const int64_t d = lane + 32 * t;
-          if (d < p.dim) acc[r][t] += ds * ks[jj * p.dim + d];
-        }
-      }
-    }
-  }
-  for (int r = 0; r < kRowsPerWarp; ++r) {
-    const int64_t i = m0 + warp * kRowsPerWarp + r;
-    if (i >= s.len_q) break;
-    T* o = dq + at(sdq, b, s.q0 + i, h);
+  for_visible_keys<T>(p, qt, ks, vs, [&](int r, int64_t row, int64_t jj, int64_t j) {
+    const float sc = dot_row(q[r], ks + jj * p.dim, p.dim) * p.scale;
+    const float pr = expf(sc - lr[r]);
+    const float dp = dot_row(g[r], vs + jj * p.dim, p.dim) * keep_factor(p, row, j);
+    const float ds = pr * (dp - dl[r]);
 #pragma unroll
     for (int t = 0; t < kPerLane; ++t) {
       const int64_t d = lane + 32 * t;
-      if (d < p.dim) o[d] = from_f32<T>(acc[r][t] * p.scale);
+      if (d < p.dim) acc[r][t] += ds * ks[jj * p.dim + d];
     }
+  });
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const int64_t i = qt.m0 + warp * kRowsPerWarp + r;
+    if (i >= qt.s.len_q) break;
+    store_row(dq + at(sdq, qt.b, qt.s.q0 + i, qt.h), acc[r], p.scale, p.dim);
   }
 }
 

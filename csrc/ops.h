@@ -26,7 +26,7 @@ void ffn_bias_act_fwd(uintptr_t z, uintptr_t bias, uintptr_t y, int store_pre, i
 void ffn_act_bwd(uintptr_t g, uintptr_t pre, uintptr_t h, int64_t rows, int64_t cols, int act, uint64_t seed, double p,
                  uint32_t thresh24, int dtype, uintptr_t stream);
 
-// attention.cu: fused attention (layout and conventions in fastformer/ops/attention.py).
+// attention.cu: fused attention (layout and conventions in fastformer/ops/attention/).
 // dims = [B, H, Hkv, Sq, Sk, D, drop_stride, varlen] (Sq/Sk are maxima when varlen); strides = (b, s, h) triples of
 // q, k, v, then lse (b, h), mask (b, k), then out (forward) or do, out, dq, dk, dv (backward).
 // mask: uint8 (B, Sk) or 0; cu_q/cu_k: int32 (B + 1) or 0.

@@ -1,16 +1,18 @@
-"""Fused attention kernels (FlashAttention-2 algorithm); launchers live in fastformer/ops/attention.py.
+"""Fused attention kernels (FlashAttention-2 algorithm); launchers live in fastformer/ops/attention/triton_impl.py.
 
-Forward (``_attn_fwd``): one program owns BLOCK_M query rows of one (batch, head). It streams the keys and
-values of the matching kv head (GQA: head h reads kv head h // GROUP) in BLOCK_N tiles and keeps the
+Forward (``attention_fwd_kernel``): one program owns BLOCK_M query rows of one (batch, head). It streams the keys
+and values of the matching kv head (GQA: head h reads kv head h // group) in BLOCK_N tiles and keeps the
 softmax online: a running row max ``m`` (base-2 domain, the scale folded into ``qk_scale``), a running
 normaliser ``l`` and an fp32 accumulator rescaled by exp2(m_old - m_new) whenever the max grows. It
 stores the output and the row logsumexp ``lse`` (natural log); nothing of size S×S is written.
 
-Backward: ``_attn_bwd_preprocess`` computes delta = rowsum(dO * O). ``_attn_bwd_dkdv`` owns BLOCK_N keys
-of one kv head and loops over every query head of its GQA group and every query tile, recomputing
+Backward: ``attention_bwd_preprocess_kernel`` computes delta = rowsum(dO * O). ``attention_bwd_dkdv_kernel`` owns
+BLOCK_N keys of one kv head and loops over every query head of its GQA group and every query tile, recomputing
 P = exp(s - lse) to accumulate dV = Pᵀ dO and dK = dSᵀ Q with dS = P * (dP - delta); because one program
-owns each dK/dV tile there are no atomics and the result is deterministic. ``_attn_bwd_dq`` owns BLOCK_M
-queries and loops over keys for dQ = dS K.
+owns each dK/dV tile there are no atomics and the result is deterministic. ``attention_bwd_dq_kernel`` owns
+BLOCK_M queries and loops over keys for dQ = dS K. The programs share their prologue through the helpers below
+(``_program``, ``_seq_bounds``, ``_head_ids``: program decode, sequence bounds, indices; ``_load_rows``: tile
+loads; ``_load_q_side``: the per-query-row inputs of backward), as the Triton tutorial factors its inner loop.
 
 Masks, all generated in-kernel from indices: key columns past the sequence, the key padding mask
 (True/1 = attend), and causality aligned bottom-right (query i sees key j <= i + seqlen_k - seqlen_q).
@@ -20,15 +22,16 @@ exp(s - lse) is 0 there and its gradient is 0, never NaN.
 
 Split-KV decoding (IS_SPLIT): for few query rows and long keys, the keys are cut into splits of ``split_len``
 so that many programs share one row; each writes a normalised fp32 partial output and its lse, and
-``_attn_fwd_combine`` merges them with weights exp(lse_split - lse).
+``attention_fwd_combine_kernel`` merges them with weights exp(lse_split - lse).
 
 Dropout (HAS_DROPOUT) drops P after the normaliser is accumulated; element (row r, key j) uses the Philox
-offset ``r * drop_stride + j`` where r is the flat lse index of the row (see fastformer/ops/attention.py),
-and backward regenerates the same decisions.
+offset ``r * drop_stride + j`` where r is the flat lse index of the row (see fastformer/ops/attention/), and
+backward regenerates the same decisions.
 
 Layouts: tensors are addressed as base + b*stride_b + (seq_start + i)*stride_s + h*stride_h + d with all
 strides passed in (last dimension contiguous), so views such as a packed QKV projection need no copy.
 IS_VARLEN reads the sequence starts and lengths from cu_seqlens (stride_b is then 0). Offsets are int64.
+Every pointer argument is followed by its strides.
 
 Limits: head dims up to 256 (BLOCK_D = next power of two >= D, the padding lanes are masked); fp16,
 bf16, fp32 (fp32 dot precision chosen by the launcher through DOT_PREC).
@@ -38,15 +41,29 @@ import triton
 import triton.language as tl
 from fastformer.kernels.dropout import dropout_keep
 
+_LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _unravel(
+    idx,  # flat index
+    n,  # extent of the fastest coordinate
+    REVERSE: tl.constexpr,  # count the fast coordinate down from n - 1
+):
+    low = idx % n
+    if REVERSE:
+        low = n - 1 - low
+    return low, idx // n
+
 
 @triton.jit
 def _seq_bounds(
     CuQ,  # int32/int64 (B + 1) query sequence starts (IS_VARLEN)
     CuK,  # same for keys
     b,  # batch index
-    SEQ_Q,  # dense query length
-    SEQ_K,  # dense key length
-    IS_VARLEN: tl.constexpr,
+    max_seq_q,  # dense query length
+    max_seq_k,  # dense key length
+    IS_VARLEN: tl.constexpr,  # read the bounds from CuQ/CuK
 ):
     if IS_VARLEN:
         q_start = tl.load(CuQ + b).to(tl.int64)
@@ -56,17 +73,125 @@ def _seq_bounds(
     else:
         q_start = tl.zeros([], dtype=tl.int64)
         k_start = tl.zeros([], dtype=tl.int64)
-        seq_q = SEQ_Q
-        seq_k = SEQ_K
+        seq_q = max_seq_q
+        seq_k = max_seq_k
     return q_start, k_start, seq_q, seq_k
+
+
+@triton.jit
+def _tile(
+    start,  # first index of the tile in its sequence
+    seq_start,  # int64 row of the sequence's first token in the tensor
+    seq_len,  # tokens in the sequence
+    BLOCK: tl.constexpr,  # tile length
+):
+    # (index in the sequence, inside the sequence, int64 row in the tensor)
+    offs = start + tl.arange(0, BLOCK)
+    return offs, offs < seq_len, seq_start + offs.to(tl.int64)
+
+
+@triton.jit
+def _program(
+    n_tiles,  # tiles along the program's own sequence axis
+    n_split,  # key splits per tile (1 unless split-KV)
+    n_heads,  # query heads, or kv heads for the programs that own keys
+    REVERSE: tl.constexpr,  # count the tiles down: with causal the longest rows start first
+):
+    # (tile, split, batch, head) of this program: the flat id runs over tiles fastest (consecutive programs share
+    # one head's K/V in L2), then key splits, heads and batches
+    tile, rest = _unravel(tl.program_id(0), n_tiles, REVERSE)
+    split, bh = _unravel(rest, n_split, False)
+    head, b = _unravel(bh, n_heads, False)
+    return tile, split, b, head
+
+
+@triton.jit
+def _head_ids(
+    b,  # batch
+    h,  # query head
+    group,  # query heads per kv head
+    head_dim,  # D
+    BLOCK_D: tl.constexpr,  # head-dim lanes
+):
+    # int64 batch, head and kv head indices, the head-dim lanes and their bounds; computed after a program's early
+    # exit, as the compiler then keeps 32-bit index products
+    offs_d = tl.arange(0, BLOCK_D)
+    return b.to(tl.int64), h.to(tl.int64), (h // group).to(tl.int64), offs_d, offs_d < head_dim
+
+
+@triton.jit
+def _load_rows(
+    Base,  # the (batch, head) base pointer
+    idx64,  # int64 token rows
+    stride_s,  # token stride
+    offs_d,  # head-dim lanes
+    idx_ok,  # rows inside the sequence
+    d_ok,  # lanes inside the head dim
+    TRANS: tl.constexpr,  # load (BLOCK_D, rows) instead of (rows, BLOCK_D)
+):
+    if TRANS:
+        t = tl.load(Base + idx64[None, :] * stride_s + offs_d[:, None], mask=idx_ok[None, :] & d_ok[:, None], other=0.0)
+    else:
+        t = tl.load(Base + idx64[:, None] * stride_s + offs_d[None, :], mask=idx_ok[:, None] & d_ok[None, :], other=0.0)
+    return t
+
+
+@triton.jit
+def _store_rows(
+    Base,  # the (batch, head) base pointer
+    value,  # (rows, BLOCK_D) fp32, stored in Base's dtype
+    idx64,  # int64 token rows
+    stride_s,  # token stride
+    offs_d,  # head-dim lanes
+    idx_ok,  # rows inside the sequence
+    d_ok,  # lanes inside the head dim
+):
+    ptrs = Base + idx64[:, None] * stride_s + offs_d[None, :]
+    tl.store(ptrs, value.to(Base.dtype.element_ty), mask=idx_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _key_on(
+    Mask,  # (B, Sk) key padding mask
+    b64,  # batch
+    cols64,  # int64 key indices in the sequence
+    stride_mb,  # Mask batch stride
+    stride_mk,  # Mask key stride
+    n_ok,  # keys inside the sequence
+):
+    # keys the padding mask lets through (True/1 = attend)
+    return tl.load(Mask + b64 * stride_mb + cols64 * stride_mk, mask=n_ok, other=0) != 0
+
+
+@triton.jit
+def _load_q_side(
+    QBase,  # Q at the (batch, head)
+    DOBase,  # DO at the (batch, head)
+    LseBase,  # Lse, or Lse at the (batch, head)
+    DeltaBase,  # Delta, or Delta at the (batch, head)
+    rows64,  # int64 query rows
+    lse_rows,  # the rows' indices from LseBase and DeltaBase
+    stride_qs,  # Q token stride
+    stride_ds,  # DO token stride
+    offs_d,  # head-dim lanes
+    m_ok,  # rows inside the sequence
+    d_ok,  # lanes inside the head dim
+):
+    # backward's per-query-row inputs: q, dO, lse in the base-2 domain and delta; padding rows get lse = +inf,
+    # hence P = 0
+    q = _load_rows(QBase, rows64, stride_qs, offs_d, m_ok, d_ok, False)
+    do = _load_rows(DOBase, rows64, stride_ds, offs_d, m_ok, d_ok, False)
+    lse = tl.load(LseBase + lse_rows, mask=m_ok, other=float("inf")) * _LOG2E
+    delta = tl.load(DeltaBase + lse_rows, mask=m_ok, other=0.0)
+    return q, do, lse, delta
 
 
 @triton.jit
 def _unmasked_end(
     seq_k,  # keys in this sequence
     first_row_limit,  # first query row of the tile + causal offset: its last visible key
-    IS_CAUSAL: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,  # bottom-right causal mask
+    BLOCK_N: tl.constexpr,  # keys per tile
 ):
     # key tiles starting at or past the returned column need element masks (sequence end, causal diagonal)
     end = seq_k // BLOCK_N * BLOCK_N
@@ -81,7 +206,7 @@ def _edge_ok(
     rows,  # (BLOCK_M,) query indices in the sequence
     n_ok,  # (BLOCK_N,) cols < seqlen_k
     causal_off,  # seqlen_k - seqlen_q
-    IS_CAUSAL: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,  # bottom-right causal mask
 ):
     ok = n_ok[None, :]
     if IS_CAUSAL:
@@ -90,83 +215,66 @@ def _edge_ok(
 
 
 @triton.jit
-def _attn_fwd(
-    Q,  # (B, Sq, H, D) or packed (Tq, H, D)
-    K,  # (B, Sk, Hkv, D) or packed (Tk, Hkv, D)
-    V,  # like K
-    Out,  # like Q, written
-    Lse,  # fp32 row logsumexp (natural log), written; +inf for rows with no visible key
-    Mask,  # (B, Sk) bool key padding mask, True = attend (HAS_MASK)
+def attention_fwd_kernel(
+    Q,  # (B, Sq, H, D) queries, or packed (Tq, H, D) when IS_VARLEN; one BLOCK_M tile per program
+    stride_qb,  # Q batch stride (0 when IS_VARLEN)
+    stride_qs,  # Q token stride
+    stride_qh,  # Q head stride
+    K,  # (B, Sk, Hkv, D) keys, or packed (Tk, Hkv, D); streamed in BLOCK_N tiles
+    stride_kb,  # K batch stride
+    stride_ks,  # K token stride
+    stride_kh,  # K head stride
+    V,  # values, shaped like K; streamed with it
+    stride_vb,  # V batch stride
+    stride_vs,  # V token stride
+    stride_vh,  # V head stride
+    Out,  # like Q, written; IS_SPLIT: fp32 per-split partial outputs
+    stride_ob,  # Out batch stride
+    stride_os,  # Out token stride
+    stride_oh,  # Out head stride
+    Lse,  # fp32 row logsumexp (natural log), written; +inf for a row with no visible key
+    stride_lb,  # Lse batch stride (0 when IS_VARLEN)
+    stride_lh,  # Lse head stride; a head's rows are contiguous
+    Mask,  # (B, Sk) bool key padding mask, True = attend (HAS_MASK); scores of other keys are -inf
+    stride_mb,  # Mask batch stride
+    stride_mk,  # Mask key stride
     CuQ,  # (B + 1) query sequence starts (IS_VARLEN)
     CuK,  # (B + 1) key sequence starts (IS_VARLEN)
-    seed,  # Philox key for dropout (HAS_DROPOUT)
-    stride_qb,
-    stride_qs,
-    stride_qh,  # Q strides: batch (0 if varlen), token, head
-    stride_kb,
-    stride_ks,
-    stride_kh,  # K strides
-    stride_vb,
-    stride_vs,
-    stride_vh,  # V strides
-    stride_ob,
-    stride_os,
-    stride_oh,  # Out strides
-    stride_lb,
-    stride_lh,  # Lse strides: batch (0 if varlen), head; tokens are contiguous
-    stride_mb,
-    stride_mk,  # Mask strides
-    H,  # query heads
-    GROUP,  # query heads per kv head
-    SEQ_Q,  # query length (dense) or max query length (varlen)
-    SEQ_K,  # key length (dense) or max key length (varlen)
-    HEAD_DIM,  # D
+    n_heads,  # H: programs run over (batch, head, key split, query tile)
+    group,  # query heads per kv head
+    max_seq_q,  # query length (dense) or max query length (varlen)
+    max_seq_k,  # key length (dense) or max key length (varlen)
+    head_dim,  # D
     qk_scale,  # softmax scale * log2(e)
-    drop_thresh,  # dropout threshold on 24 random bits
-    drop_scale,  # 1 / (1 - p)
+    seed,  # Philox key (HAS_DROPOUT)
+    thresh,  # dropout threshold on 24 random bits
+    keep_scale,  # 1 / (1 - p)
     drop_stride,  # keys per dropout row (Sk dense, max_seqlen_k varlen)
-    seq_bucket,  # autotune key only
+    seq_bucket,  # autotune key only  # noqa: ARG001
     split_len,  # keys per split, a multiple of 128 (IS_SPLIT)
     stride_osplit,  # Out stride between splits (IS_SPLIT)
     stride_lsplit,  # Lse stride between splits (IS_SPLIT)
-    IS_CAUSAL: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    IS_SPLIT: tl.constexpr,  # split-KV decoding: write per-split partials (fp32 out, lse) for _attn_fwd_combine
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,  # bottom-right causal mask; key tiles past the diagonal are skipped
+    HAS_MASK: tl.constexpr,  # apply Mask
+    IS_VARLEN: tl.constexpr,  # packed sequences bounded by CuQ/CuK
+    HAS_DROPOUT: tl.constexpr,  # drop P after its normaliser is accumulated
+    IS_SPLIT: tl.constexpr,  # split-KV decoding: write per-split partials for attention_fwd_combine_kernel
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # keys per streamed tile
+    BLOCK_D: tl.constexpr,  # head-dim lanes, a power of two >= D
+    DOT_PREC: tl.constexpr,  # tl.dot input_precision (fp32 inputs)
 ):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(SEQ_Q, BLOCK_M)
-    # consecutive programs share one (batch, head) so its K/V stay in L2; with causal the longest rows go first
-    start_m = num_m - 1 - pid % num_m
-    bh = pid // num_m
-    split = 0
+    n_split = 1
     if IS_SPLIT:
-        n_split = tl.cdiv(SEQ_K, split_len)
-        split = bh % n_split
-        bh = bh // n_split
-    b = bh // H
-    h = bh % H
-    q_start, k_start, seq_q, seq_k = _seq_bounds(CuQ, CuK, b, SEQ_Q, SEQ_K, IS_VARLEN)
+        n_split = tl.cdiv(max_seq_k, split_len)
+    start_m, split, b, h = _program(tl.cdiv(max_seq_q, BLOCK_M), n_split, n_heads, True)
+    q_start, k_start, seq_q, seq_k = _seq_bounds(CuQ, CuK, b, max_seq_q, max_seq_k, IS_VARLEN)
     if start_m * BLOCK_M >= seq_q:
         return
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    hk64 = (h // GROUP).to(tl.int64)
-
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, m_ok, rows64 = _tile(start_m * BLOCK_M, q_start, seq_q, BLOCK_M)
+    b64, h64, hk64, offs_d, d_ok = _head_ids(b, h, group, head_dim, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    m_ok = offs_m < seq_q
-    rows64 = q_start + offs_m.to(tl.int64)
-
-    q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + rows64[:, None] * stride_qs + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh, rows64, stride_qs, offs_d, m_ok, d_ok, False)
     k_base = K + b64 * stride_kb + hk64 * stride_kh + k_start * stride_ks
     v_base = V + b64 * stride_vb + hk64 * stride_vh + k_start * stride_vs
     # flat lse index of each row; also the dropout row id
@@ -194,13 +302,10 @@ def _attn_fwd(
         cols = start_n + offs_n
         n_ok = cols < seq_k
         cols64 = cols.to(tl.int64)
-        kt = tl.load(
-            k_base + cols64[None, :] * stride_ks + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0
-        )
+        kt = _load_rows(k_base, cols64, stride_ks, offs_d, n_ok, d_ok, True)
         s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
         if HAS_MASK:
-            km = tl.load(Mask + b64 * stride_mb + cols64 * stride_mk, mask=n_ok, other=0)
-            s = tl.where((km != 0)[None, :], s, float("-inf"))
+            s = tl.where(_key_on(Mask, b64, cols64, stride_mb, stride_mk, n_ok)[None, :], s, float("-inf"))
         if start_n + BLOCK_N > mid:
             s = tl.where(_edge_ok(cols, offs_m, n_ok, causal_off, IS_CAUSAL), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -210,11 +315,9 @@ def _attn_fwd(
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, lse_rows[:, None] * drop_stride + cols64[None, :], drop_thresh)
-            p = tl.where(keep, p * drop_scale, 0.0)
-        v = tl.load(
-            v_base + cols64[:, None] * stride_vs + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0
-        )
+            keep = dropout_keep(seed, lse_rows[:, None] * drop_stride + cols64[None, :], thresh)
+            p = tl.where(keep, p * keep_scale, 0.0)
+        v = _load_rows(v_base, cols64, stride_vs, offs_d, n_ok, d_ok, False)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
 
@@ -223,32 +326,31 @@ def _attn_fwd(
     # a row with no key: +inf makes backward's P zero; a split with no key must weigh 0 in the combine: -inf
     lse_empty = float("-inf") if IS_SPLIT else float("inf")
     lse = tl.where(empty, lse_empty, (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    o_ptrs = Out + b64 * stride_ob + h64 * stride_oh + rows64[:, None] * stride_os + offs_d[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    _store_rows(Out + b64 * stride_ob + h64 * stride_oh, out, rows64, stride_os, offs_d, m_ok, d_ok)
     tl.store(Lse + lse_rows, lse, mask=m_ok)
 
 
 @triton.jit
-def _attn_fwd_combine(
+def attention_fwd_combine_kernel(
     OPart,  # fp32 (splits, rows, D) per-split normalised outputs
     LPart,  # fp32 (splits, rows) per-split logsumexp, -inf for a split with no visible key
     Out,  # (B, Sq, H, D) output, written
+    stride_ob,  # Out batch stride
+    stride_os,  # Out token stride
+    stride_oh,  # Out head stride
     Lse,  # fp32 (B, H, Sq) logsumexp, written (+inf for rows with no visible key)
-    stride_ob,
-    stride_os,
-    stride_oh,  # Out strides
     n_split,  # number of key splits
     n_rows,  # B * H * Sq; row r = (b * H + h) * Sq + i
-    H,  # query heads
-    SEQ_Q,  # query length
-    HEAD_DIM,  # D
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    n_heads,  # H
+    max_seq_q,  # Sq (split-KV is dense only)
+    head_dim,  # D
+    BLOCK_M: tl.constexpr,  # rows per program
+    BLOCK_D: tl.constexpr,  # head-dim lanes, a power of two >= D
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     r_ok = rows < n_rows
-    ld = r_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    ld = r_ok[:, None] & (offs_d < head_dim)[None, :]
     rows64 = rows.to(tl.int64)
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -258,7 +360,7 @@ def _attn_fwd_combine(
     for sp in range(0, n_split):
         base = rows64 + sp * split_stride
         ls = tl.load(LPart + base, mask=r_ok, other=float("-inf"))
-        o = tl.load(OPart + base[:, None] * HEAD_DIM + offs_d[None, :], mask=ld, other=0.0)
+        o = tl.load(OPart + base[:, None] * head_dim + offs_d[None, :], mask=ld, other=0.0)
         m_new = tl.maximum(m, ls)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - m_safe)
@@ -269,146 +371,120 @@ def _attn_fwd_combine(
     empty = l_sum == 0.0
     out = acc / tl.where(empty, 1.0, l_sum)[:, None]
     lse = tl.where(empty, float("inf"), m + tl.log(tl.where(empty, 1.0, l_sum)))
-    i = rows64 % SEQ_Q
-    bh = rows64 // SEQ_Q
-    o_ptrs = Out + (bh // H) * stride_ob + (bh % H) * stride_oh + i * stride_os
+    i = rows64 % max_seq_q
+    bh = rows64 // max_seq_q
+    o_ptrs = Out + (bh // n_heads) * stride_ob + (bh % n_heads) * stride_oh + i * stride_os
     tl.store(o_ptrs[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty), mask=ld)
     tl.store(Lse + rows64, lse, mask=r_ok)
 
 
 @triton.jit
-def _attn_bwd_preprocess(
+def attention_bwd_preprocess_kernel(
     Out,  # forward output
-    DO,  # gradient of the output
+    stride_ob,  # Out batch stride (0 when IS_VARLEN)
+    stride_os,  # Out token stride
+    stride_oh,  # Out head stride
+    DO,  # gradient of the output (Out-shaped)
+    stride_db,  # DO batch stride
+    stride_ds,  # DO token stride
+    stride_dh,  # DO head stride
     Delta,  # fp32, lse-shaped, written: rowsum(dO * O)
+    stride_lb,  # Delta batch stride (as Lse)
+    stride_lh,  # Delta head stride
     CuQ,  # (B + 1) query sequence starts (IS_VARLEN)
-    stride_ob,
-    stride_os,
-    stride_oh,  # Out strides
-    stride_db,
-    stride_ds,
-    stride_dh,  # DO strides
-    stride_lb,
-    stride_lh,  # Delta strides (as Lse)
-    H,  # query heads
-    SEQ_Q,  # query length (max for varlen)
-    HEAD_DIM,  # D
-    IS_VARLEN: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    n_heads,  # H
+    max_seq_q,  # query length (max for varlen)
+    head_dim,  # D
+    IS_VARLEN: tl.constexpr,  # packed sequences bounded by CuQ
+    BLOCK_M: tl.constexpr,  # rows per program
+    BLOCK_D: tl.constexpr,  # head-dim lanes, a power of two >= D
 ):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(SEQ_Q, BLOCK_M)
-    start_m = pid % num_m
-    bh = pid // num_m
-    b = bh // H
-    h = bh % H
-    q_start, _k, seq_q, _s = _seq_bounds(CuQ, CuQ, b, SEQ_Q, SEQ_Q, IS_VARLEN)
+    start_m, _split, b, h = _program(tl.cdiv(max_seq_q, BLOCK_M), 1, n_heads, False)
+    q_start, _k_start, seq_q, _seq_k = _seq_bounds(CuQ, CuQ, b, max_seq_q, max_seq_q, IS_VARLEN)
     if start_m * BLOCK_M >= seq_q:
         return
+    _offs_m, m_ok, rows64 = _tile(start_m * BLOCK_M, q_start, seq_q, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    rows64 = q_start + offs_m.to(tl.int64)
-    ok = (offs_m < seq_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(
-        Out + b64 * stride_ob + h64 * stride_oh + rows64[:, None] * stride_os + offs_d[None, :], mask=ok, other=0.0
-    )
-    do = tl.load(
-        DO + b64 * stride_db + h64 * stride_dh + rows64[:, None] * stride_ds + offs_d[None, :], mask=ok, other=0.0
-    )
+    o = _load_rows(Out + b64 * stride_ob + h64 * stride_oh, rows64, stride_os, offs_d, m_ok, d_ok, False)
+    do = _load_rows(DO + b64 * stride_db + h64 * stride_dh, rows64, stride_ds, offs_d, m_ok, d_ok, False)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + b64 * stride_lb + h64 * stride_lh + rows64, delta, mask=offs_m < seq_q)
+    tl.store(Delta + b64 * stride_lb + h64 * stride_lh + rows64, delta, mask=m_ok)
 
 
 @triton.jit
-def _attn_bwd_dkdv(
-    Q,  # forward q
-    K,  # forward k
-    V,  # forward v
-    DO,  # gradient of the output (q-shaped)
-    Lse,  # fp32 forward logsumexp
-    Delta,  # fp32 rowsum(dO * O)
-    Mask,  # (B, Sk) bool key padding mask (HAS_MASK)
+def attention_bwd_dkdv_kernel(
+    K,  # forward keys; this program's BLOCK_N of them stay in registers
+    stride_kb,  # K batch stride (0 when IS_VARLEN)
+    stride_ks,  # K token stride
+    stride_kh,  # K head stride
+    V,  # forward values, resident like K
+    stride_vb,  # V batch stride
+    stride_vs,  # V token stride
+    stride_vh,  # V head stride
+    DK,  # k-shaped, written
+    stride_dkb,  # DK batch stride
+    stride_dks,  # DK token stride
+    stride_dkh,  # DK head stride
+    DV,  # v-shaped, written
+    stride_dvb,  # DV batch stride
+    stride_dvs,  # DV token stride
+    stride_dvh,  # DV head stride
+    Q,  # forward queries, streamed in BLOCK_M tiles for every head of the kv head's group
+    stride_qb,  # Q batch stride
+    stride_qs,  # Q token stride
+    stride_qh,  # Q head stride
+    DO,  # gradient of the output (q-shaped), streamed with Q
+    stride_db,  # DO batch stride
+    stride_ds,  # DO token stride
+    stride_dh,  # DO head stride
+    Lse,  # fp32 forward logsumexp of the streamed rows
+    Delta,  # fp32 rowsum(dO * O) of the streamed rows
+    stride_lb,  # Lse/Delta batch stride
+    stride_lh,  # Lse/Delta head stride
+    Mask,  # (B, Sk) bool key padding mask (HAS_MASK), read once for the program's keys
+    stride_mb,  # Mask batch stride
+    stride_mk,  # Mask key stride
     CuQ,  # (B + 1) query sequence starts (IS_VARLEN)
     CuK,  # (B + 1) key sequence starts (IS_VARLEN)
+    n_heads,  # H: programs run over (batch, kv head, key tile)
+    group,  # query heads per kv head: the heads each program loops over
+    max_seq_q,  # query length (max for varlen): bounds the loop over query tiles
+    max_seq_k,  # key length (max for varlen): sizes the grid
+    head_dim,  # D
+    sm_scale,  # softmax scale (natural); dK is scaled by it once at the end
     seed,  # Philox key (HAS_DROPOUT)
-    DK,  # k-shaped, written
-    DV,  # v-shaped, written
-    stride_qb,
-    stride_qs,
-    stride_qh,  # Q strides
-    stride_kb,
-    stride_ks,
-    stride_kh,  # K strides
-    stride_vb,
-    stride_vs,
-    stride_vh,  # V strides
-    stride_db,
-    stride_ds,
-    stride_dh,  # DO strides
-    stride_lb,
-    stride_lh,  # Lse/Delta strides
-    stride_mb,
-    stride_mk,  # Mask strides
-    stride_dkb,
-    stride_dks,
-    stride_dkh,  # DK strides
-    stride_dvb,
-    stride_dvs,
-    stride_dvh,  # DV strides
-    H,  # query heads
-    GROUP,  # query heads per kv head
-    SEQ_Q,  # query length (max for varlen)
-    SEQ_K,  # key length (max for varlen)
-    HEAD_DIM,  # D
-    sm_scale,  # softmax scale (natural)
-    drop_thresh,  # dropout threshold on 24 random bits
-    drop_scale,  # 1 / (1 - p)
-    drop_stride,  # keys per dropout row
-    seq_bucket,  # autotune key only
-    IS_CAUSAL: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    thresh,  # dropout threshold on 24 random bits
+    keep_scale,  # 1 / (1 - p)
+    drop_stride,  # keys per dropout row (Sk dense, max_seqlen_k varlen)
+    seq_bucket,  # autotune key only  # noqa: ARG001
+    IS_CAUSAL: tl.constexpr,  # bottom-right causal mask; query tiles above the diagonal are skipped
+    HAS_MASK: tl.constexpr,  # apply Mask
+    IS_VARLEN: tl.constexpr,  # packed sequences bounded by CuQ/CuK
+    HAS_DROPOUT: tl.constexpr,  # regenerate the forward's dropout decisions
+    BLOCK_M: tl.constexpr,  # query rows per streamed tile
+    BLOCK_N: tl.constexpr,  # keys per program
+    BLOCK_D: tl.constexpr,  # head-dim lanes, a power of two >= D
+    DOT_PREC: tl.constexpr,  # tl.dot input_precision (fp32 inputs)
 ):
-    LOG2E: tl.constexpr = 1.4426950408889634
-    HKV = H // GROUP
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(SEQ_K, BLOCK_N)
-    start_n = pid % num_n
-    bh = pid // num_n
-    b = bh // HKV
-    hk = bh % HKV
-    q_start, k_start, seq_q, seq_k = _seq_bounds(CuQ, CuK, b, SEQ_Q, SEQ_K, IS_VARLEN)
+    start_n, _split, b, hk = _program(tl.cdiv(max_seq_k, BLOCK_N), 1, n_heads // group, False)
+    q_start, k_start, seq_q, seq_k = _seq_bounds(CuQ, CuK, b, max_seq_q, max_seq_k, IS_VARLEN)
     if start_n * BLOCK_N >= seq_k:
         return
     b64 = b.to(tl.int64)
     hk64 = hk.to(tl.int64)
-    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_n, n_ok, cols64 = _tile(start_n * BLOCK_N, k_start, seq_k, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    n_ok = offs_n < seq_k
-    cols64 = k_start + offs_n.to(tl.int64)
-    kv_ok = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(
-        K + b64 * stride_kb + hk64 * stride_kh + cols64[:, None] * stride_ks + offs_d[None, :], mask=kv_ok, other=0.0
-    )
-    v = tl.load(
-        V + b64 * stride_vb + hk64 * stride_vh + cols64[:, None] * stride_vs + offs_d[None, :], mask=kv_ok, other=0.0
-    )
+    d_ok = offs_d < head_dim
+    k = _load_rows(K + b64 * stride_kb + hk64 * stride_kh, cols64, stride_ks, offs_d, n_ok, d_ok, False)
+    v = _load_rows(V + b64 * stride_vb + hk64 * stride_vh, cols64, stride_vs, offs_d, n_ok, d_ok, False)
     # keys past the sequence produce rows of dK/dV that are never stored, so only real masks are applied
     key_ok = n_ok
     if HAS_MASK:
-        km = tl.load(Mask + b64 * stride_mb + offs_n.to(tl.int64) * stride_mk, mask=n_ok, other=0)
-        key_ok = n_ok & (km != 0)
-    qk_scale = sm_scale * LOG2E
+        key_ok = n_ok & _key_on(Mask, b64, offs_n.to(tl.int64), stride_mb, stride_mk, n_ok)
+    qk_scale = sm_scale * _LOG2E
     causal_off = seq_k - seq_q
     lo = 0
     diag_end = 0
@@ -418,21 +494,16 @@ def _attn_bwd_dkdv(
         diag_end = start_n * BLOCK_N + BLOCK_N - 1 - causal_off
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for g in range(0, GROUP):
-        h64 = hk64 * GROUP + g
+    for g in range(0, group):
+        h64 = hk64 * group + g
         q_base = Q + b64 * stride_qb + h64 * stride_qh
         do_base = DO + b64 * stride_db + h64 * stride_dh
         l_base = b64 * stride_lb + h64 * stride_lh
         for start_m in range(lo, seq_q, BLOCK_M):
-            rows = start_m + offs_m
-            m_ok = rows < seq_q
-            rows64 = q_start + rows.to(tl.int64)
-            ld = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_base + rows64[:, None] * stride_qs + offs_d[None, :], mask=ld, other=0.0)
-            do = tl.load(do_base + rows64[:, None] * stride_ds + offs_d[None, :], mask=ld, other=0.0)
-            # padding rows get lse = +inf, hence P = 0
-            lse = tl.load(Lse + l_base + rows64, mask=m_ok, other=float("inf")) * LOG2E
-            delta = tl.load(Delta + l_base + rows64, mask=m_ok, other=0.0)
+            rows, m_ok, rows64 = _tile(start_m, q_start, seq_q, BLOCK_M)
+            q, do, lse, delta = _load_q_side(
+                q_base, do_base, Lse + l_base, Delta + l_base, rows64, rows64, stride_qs, stride_ds, offs_d, m_ok, d_ok
+            )
             st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M) = S transposed
             pt = tl.math.exp2(st * qk_scale - lse[None, :])
             if HAS_MASK:
@@ -444,139 +515,109 @@ def _attn_bwd_dkdv(
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             if HAS_DROPOUT:
                 keep = dropout_keep(
-                    seed, (l_base + rows64)[None, :] * drop_stride + offs_n.to(tl.int64)[:, None], drop_thresh
+                    seed, (l_base + rows64)[None, :] * drop_stride + offs_n.to(tl.int64)[:, None], thresh
                 )
-                dv += tl.dot(tl.where(keep, pt * drop_scale, 0.0).to(do.dtype), do, input_precision=DOT_PREC)
-                dpt = tl.where(keep, dpt * drop_scale, 0.0)
+                dv += tl.dot(tl.where(keep, pt * keep_scale, 0.0).to(do.dtype), do, input_precision=DOT_PREC)
+                dpt = tl.where(keep, dpt * keep_scale, 0.0)
             else:
                 dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
             dst = pt * (dpt - delta[None, :])
             dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
     dk = dk * sm_scale
-    tl.store(
-        DK + b64 * stride_dkb + hk64 * stride_dkh + cols64[:, None] * stride_dks + offs_d[None, :],
-        dk.to(DK.dtype.element_ty),
-        mask=kv_ok,
-    )
-    tl.store(
-        DV + b64 * stride_dvb + hk64 * stride_dvh + cols64[:, None] * stride_dvs + offs_d[None, :],
-        dv.to(DV.dtype.element_ty),
-        mask=kv_ok,
-    )
+    _store_rows(DK + b64 * stride_dkb + hk64 * stride_dkh, dk, cols64, stride_dks, offs_d, n_ok, d_ok)
+    _store_rows(DV + b64 * stride_dvb + hk64 * stride_dvh, dv, cols64, stride_dvs, offs_d, n_ok, d_ok)
 
 
 @triton.jit
-def _attn_bwd_dq(
-    Q,  # forward q
-    K,  # forward k
-    V,  # forward v
-    DO,  # gradient of the output
-    Lse,  # fp32 forward logsumexp
-    Delta,  # fp32 rowsum(dO * O)
-    Mask,  # (B, Sk) bool key padding mask (HAS_MASK)
+def attention_bwd_dq_kernel(
+    Q,  # forward queries; this program's BLOCK_M rows stay in registers
+    stride_qb,  # Q batch stride (0 when IS_VARLEN)
+    stride_qs,  # Q token stride
+    stride_qh,  # Q head stride
+    DO,  # gradient of the output, resident like Q
+    stride_db,  # DO batch stride
+    stride_ds,  # DO token stride
+    stride_dh,  # DO head stride
+    DQ,  # q-shaped, written
+    stride_dqb,  # DQ batch stride
+    stride_dqs,  # DQ token stride
+    stride_dqh,  # DQ head stride
+    Lse,  # fp32 forward logsumexp of the program's rows
+    Delta,  # fp32 rowsum(dO * O) of the program's rows
+    stride_lb,  # Lse/Delta batch stride
+    stride_lh,  # Lse/Delta head stride
+    K,  # forward keys, streamed in BLOCK_N tiles up to the causal diagonal
+    stride_kb,  # K batch stride
+    stride_ks,  # K token stride
+    stride_kh,  # K head stride
+    V,  # forward values, streamed with K
+    stride_vb,  # V batch stride
+    stride_vs,  # V token stride
+    stride_vh,  # V head stride
+    Mask,  # (B, Sk) bool key padding mask (HAS_MASK), read per key tile
+    stride_mb,  # Mask batch stride
+    stride_mk,  # Mask key stride
     CuQ,  # (B + 1) query sequence starts (IS_VARLEN)
     CuK,  # (B + 1) key sequence starts (IS_VARLEN)
-    seed,  # Philox key (HAS_DROPOUT)
-    DQ,  # q-shaped, written
-    stride_qb,
-    stride_qs,
-    stride_qh,  # Q strides
-    stride_kb,
-    stride_ks,
-    stride_kh,  # K strides
-    stride_vb,
-    stride_vs,
-    stride_vh,  # V strides
-    stride_db,
-    stride_ds,
-    stride_dh,  # DO strides
-    stride_lb,
-    stride_lh,  # Lse/Delta strides
-    stride_mb,
-    stride_mk,  # Mask strides
-    stride_dqb,
-    stride_dqs,
-    stride_dqh,  # DQ strides
-    H,  # query heads
-    GROUP,  # query heads per kv head
-    SEQ_Q,  # query length (max for varlen)
-    SEQ_K,  # key length (max for varlen)
-    HEAD_DIM,  # D
+    n_heads,  # H: programs run over (batch, head, query tile)
+    group,  # query heads per kv head
+    max_seq_q,  # query length (max for varlen): sizes the grid
+    max_seq_k,  # key length (max for varlen): bounds the loop over key tiles
+    head_dim,  # D
     sm_scale,  # softmax scale (natural)
-    drop_thresh,  # dropout threshold on 24 random bits
-    drop_scale,  # 1 / (1 - p)
-    drop_stride,  # keys per dropout row
-    seq_bucket,  # autotune key only
-    IS_CAUSAL: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    seed,  # Philox key (HAS_DROPOUT)
+    thresh,  # dropout threshold on 24 random bits
+    keep_scale,  # 1 / (1 - p)
+    drop_stride,  # keys per dropout row (Sk dense, max_seqlen_k varlen)
+    seq_bucket,  # autotune key only  # noqa: ARG001
+    IS_CAUSAL: tl.constexpr,  # bottom-right causal mask; stop at the diagonal
+    HAS_MASK: tl.constexpr,  # apply Mask
+    IS_VARLEN: tl.constexpr,  # packed sequences bounded by CuQ/CuK
+    HAS_DROPOUT: tl.constexpr,  # regenerate the forward's dropout decisions
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # keys per streamed tile
+    BLOCK_D: tl.constexpr,  # head-dim lanes, a power of two >= D
+    DOT_PREC: tl.constexpr,  # tl.dot input_precision (fp32 inputs)
 ):
-    LOG2E: tl.constexpr = 1.4426950408889634
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(SEQ_Q, BLOCK_M)
-    start_m = num_m - 1 - pid % num_m
-    bh = pid // num_m
-    b = bh // H
-    h = bh % H
-    q_start, k_start, seq_q, seq_k = _seq_bounds(CuQ, CuK, b, SEQ_Q, SEQ_K, IS_VARLEN)
+    start_m, _split, b, h = _program(tl.cdiv(max_seq_q, BLOCK_M), 1, n_heads, True)
+    q_start, k_start, seq_q, seq_k = _seq_bounds(CuQ, CuK, b, max_seq_q, max_seq_k, IS_VARLEN)
     if start_m * BLOCK_M >= seq_q:
         return
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    hk64 = (h // GROUP).to(tl.int64)
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    m_ok = offs_m < seq_q
-    rows64 = q_start + offs_m.to(tl.int64)
-    ld = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(
-        Q + b64 * stride_qb + h64 * stride_qh + rows64[:, None] * stride_qs + offs_d[None, :], mask=ld, other=0.0
-    )
-    do = tl.load(
-        DO + b64 * stride_db + h64 * stride_dh + rows64[:, None] * stride_ds + offs_d[None, :], mask=ld, other=0.0
-    )
+    b64, h64, hk64, offs_d, d_ok = _head_ids(b, h, group, head_dim, BLOCK_D)
+    offs_m, m_ok, rows64 = _tile(start_m * BLOCK_M, q_start, seq_q, BLOCK_M)
+    q_base = Q + b64 * stride_qb + h64 * stride_qh
+    do_base = DO + b64 * stride_db + h64 * stride_dh
     l_rows = b64 * stride_lb + h64 * stride_lh + rows64
-    lse = tl.load(Lse + l_rows, mask=m_ok, other=float("inf")) * LOG2E
-    delta = tl.load(Delta + l_rows, mask=m_ok, other=0.0)
+    q, do, lse, delta = _load_q_side(
+        q_base, do_base, Lse, Delta, rows64, l_rows, stride_qs, stride_ds, offs_d, m_ok, d_ok
+    )
     k_base = K + b64 * stride_kb + hk64 * stride_kh + k_start * stride_ks
     v_base = V + b64 * stride_vb + hk64 * stride_vh + k_start * stride_vs
-    qk_scale = sm_scale * LOG2E
+    qk_scale = sm_scale * _LOG2E
     causal_off = seq_k - seq_q
     hi = seq_k
     if IS_CAUSAL:
         hi = tl.minimum(seq_k, (start_m + 1) * BLOCK_M + causal_off)
     mid = _unmasked_end(seq_k, start_m * BLOCK_M + causal_off, IS_CAUSAL, BLOCK_N)
+    offs_n = tl.arange(0, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         n_ok = cols < seq_k
         cols64 = cols.to(tl.int64)
-        ldt = n_ok[None, :] & d_ok[:, None]
-        kt = tl.load(k_base + cols64[None, :] * stride_ks + offs_d[:, None], mask=ldt, other=0.0)
-        vt = tl.load(v_base + cols64[None, :] * stride_vs + offs_d[:, None], mask=ldt, other=0.0)
+        kt = _load_rows(k_base, cols64, stride_ks, offs_d, n_ok, d_ok, True)
+        vt = _load_rows(v_base, cols64, stride_vs, offs_d, n_ok, d_ok, True)
         s = tl.dot(q, kt, input_precision=DOT_PREC)
         p = tl.math.exp2(s * qk_scale - lse[:, None])
         if HAS_MASK:
-            km = tl.load(Mask + b64 * stride_mb + cols64 * stride_mk, mask=n_ok, other=0)
-            p = tl.where((km != 0)[None, :], p, 0.0)
+            p = tl.where(_key_on(Mask, b64, cols64, stride_mb, stride_mk, n_ok)[None, :], p, 0.0)
         if start_n + BLOCK_N > mid:
             p = tl.where(_edge_ok(cols, offs_m, n_ok, causal_off, IS_CAUSAL), p, 0.0)
         dp = tl.dot(do, vt, input_precision=DOT_PREC)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, l_rows[:, None] * drop_stride + cols64[None, :], drop_thresh)
-            dp = tl.where(keep, dp * drop_scale, 0.0)
+            keep = dropout_keep(seed, l_rows[:, None] * drop_stride + cols64[None, :], thresh)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PREC)
     dq = dq * sm_scale
-    tl.store(
-        DQ + b64 * stride_dqb + h64 * stride_dqh + rows64[:, None] * stride_dqs + offs_d[None, :],
-        dq.to(DQ.dtype.element_ty),
-        mask=ld,
-    )
+    _store_rows(DQ + b64 * stride_dqb + h64 * stride_dqh, dq, rows64, stride_dqs, offs_d, m_ok, d_ok)

@@ -85,6 +85,7 @@ def cases():
         2,
     )
     yield "ffn act grad", ffn.act_grad_kernel, "bf16", dict(ACT=1, DROPOUT=True, BLOCK_M=32, BLOCK_N=128), 4, 1
+    yield "ffn dropout grad", ffn.act_grad_kernel, "fp16", dict(ACT=0, DROPOUT=True, BLOCK_M=4, BLOCK_N=1024), 4, 1
     att = dict(
         IS_CAUSAL=True,
         HAS_MASK=False,
@@ -95,10 +96,10 @@ def cases():
         BLOCK_D=128,
         DOT_PREC="tf32",
     )
-    yield "attn fwd causal", attention._attn_fwd, "bf16", dict(att, IS_SPLIT=False), 8, 3
+    yield "attn fwd causal", attention.attention_fwd_kernel, "bf16", dict(att, IS_SPLIT=False), 8, 3
     yield (
         "attn fwd mask+dropout d80",
-        attention._attn_fwd,
+        attention.attention_fwd_kernel,
         "fp16",
         dict(att, IS_CAUSAL=False, HAS_MASK=True, HAS_DROPOUT=True, BLOCK_D=128, IS_SPLIT=False),
         4,
@@ -106,21 +107,28 @@ def cases():
     )
     yield (
         "attn fwd varlen d256",
-        attention._attn_fwd,
+        attention.attention_fwd_kernel,
         "bf16",
         dict(att, IS_VARLEN=True, BLOCK_M=64, BLOCK_N=32, BLOCK_D=256, IS_SPLIT=False),
         4,
         2,
     )
-    yield "attn fwd split-kv", attention._attn_fwd, "bf16", dict(att, BLOCK_M=16, IS_SPLIT=True), 4, 3
-    yield "attn combine", attention._attn_fwd_combine, "bf16", dict(BLOCK_M=16, BLOCK_D=128), 4, 1
-    yield "attn bwd pre", attention._attn_bwd_preprocess, "bf16", dict(IS_VARLEN=True, BLOCK_M=64, BLOCK_D=128), 4, 1
+    yield "attn fwd split-kv", attention.attention_fwd_kernel, "bf16", dict(att, BLOCK_M=16, IS_SPLIT=True), 4, 3
+    yield "attn combine", attention.attention_fwd_combine_kernel, "bf16", dict(BLOCK_M=16, BLOCK_D=128), 4, 1
+    yield (
+        "attn bwd pre",
+        attention.attention_bwd_preprocess_kernel,
+        "bf16",
+        dict(IS_VARLEN=True, BLOCK_M=64, BLOCK_D=128),
+        4,
+        1,
+    )
     bwd = dict(att, BLOCK_M=64, BLOCK_N=64, HAS_MASK=True, HAS_DROPOUT=True)
-    yield "attn bwd dkdv", attention._attn_bwd_dkdv, "bf16", bwd, 4, 2
-    yield "attn bwd dq", attention._attn_bwd_dq, "bf16", dict(bwd, IS_VARLEN=True), 4, 2
+    yield "attn bwd dkdv", attention.attention_bwd_dkdv_kernel, "bf16", bwd, 4, 2
+    yield "attn bwd dq", attention.attention_bwd_dq_kernel, "bf16", dict(bwd, IS_VARLEN=True), 4, 2
     yield (
         "attn bwd dkdv fp32",
-        attention._attn_bwd_dkdv,
+        attention.attention_bwd_dkdv_kernel,
         "fp32",
         dict(bwd, DOT_PREC="ieee", BLOCK_D=64, BLOCK_M=32, BLOCK_N=32),
         4,

@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 
 import fastformer
-from fastformer import utils
 from fastformer.ops import dropout as _dropout
-from fastformer.ops.attention import _varlen_offsets, attention_reference
+from fastformer.ops.attention import attention_reference
+from fastformer.ops.attention.op import AttentionArgs
+from fastformer.ops.attention.torch_impl import varlen_dropout_offsets
 from fastformer.testing import assert_close_2x
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -283,7 +284,7 @@ def test_dropout_varlen_matches_torch_backend():
         torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
     torch.manual_seed(5)
     seed = int(_dropout.new_seed(0.4))
-    offs = _varlen_offsets(4, q.shape[0], 7, 30, 30, 30, DEVICE)
+    offs = varlen_dropout_offsets(4, q.shape[0], 7, 30, 30, 30, DEVICE)
     assert offs[0, 1, 0, 0] == (1 * q.shape[0] + 7) * 30 and _dropout.keep_mask(seed, offs, 0.4).shape == (1, 4, 30, 30)
 
 
@@ -300,16 +301,16 @@ def test_dropout_varlen_matches_torch_backend():
     ],
 )
 def test_split_kv_decode(sq, sk, h, hkv, causal, masked, dtype, monkeypatch):
-    import fastformer.ops.attention as A
+    from fastformer.ops.attention import triton_tuning as A
 
-    monkeypatch.setattr(A, "_SPLIT_MIN_KEYS", 128)  # the interpreter's shapes are small
+    monkeypatch.setattr(A, "SPLIT_MIN_KEYS", 128)  # the interpreter's shapes are small
     q = _rand(1, sq, h, 64, dtype=dtype)
     k, v = _rand(1, sk, hkv, 64, dtype=dtype), _rand(1, sk, hkv, 64, dtype=dtype)
     m = None
     if masked:
         m = _padding_mask("random", 1, sk)
         m[0, : sk // 2] = False  # the whole first split is padding
-    assert A._num_splits(A._Problem(q, k, None, sq, sk), q.device) > 1
+    assert A.num_splits(AttentionArgs(q, k, v, m, None, None, None, sq, sk, causal, 1.0, 0.0, FUSED), q.device) > 1
     # backward runs from the split forward's combined lse
     _check(q, k, v, causal=causal, key_padding_mask=m)
 
@@ -354,7 +355,7 @@ def test_sdpa_matches_torch(mask_kind, is_causal, h, hkv):
 def test_sdpa_other_masks_fall_back_with_one_warning():
     q, k, v = (torch.randn(2, 2, 9, 16, device=DEVICE) for _ in range(3))
     add = torch.randn(2, 2, 9, 9, device=DEVICE)
-    import fastformer.ops.attention as A
+    import fastformer.ops.attention.sdpa as A
 
     A._SDPA_WARNED.clear()
     with pytest.warns(UserWarning, match="attn_mask"):
@@ -373,12 +374,12 @@ def test_sdpa_other_masks_fall_back_with_one_warning():
 @pytest.mark.parametrize("backend,n_kv,causal", [("torch", None, True), (FUSED, 2, False)])
 def test_multihead_self_attention_matches_plain_torch(backend, n_kv, causal):
     d_model, h, b, t = 64, 4, 2, 19
-    mod = fastformer.nn.MultiheadSelfAttention(d_model, h, n_kv_heads=n_kv, causal=causal).to(DEVICE)
+    mod = fastformer.nn.MultiheadSelfAttention(d_model, h, n_kv_heads=n_kv, causal=causal, backend=backend).to(DEVICE)
     hkv, hd = mod.n_kv_heads, mod.head_dim
     x = torch.randn(b, t, d_model, device=DEVICE, requires_grad=True)
     m = torch.ones(b, t, dtype=torch.bool, device=DEVICE)
     m[0, -5:] = False
-    y = mod(x, key_padding_mask=None if causal else m, backend=backend)
+    y = mod(x, key_padding_mask=None if causal else m)
     # plain torch: separate q/k/v from the fused weight, SDPA, output projection
     qkv = F.linear(x, mod.qkv.weight, mod.qkv.bias).view(b, t, h + 2 * hkv, hd)
     q, k, v = (z.transpose(1, 2) for z in qkv.split([h, hkv, hkv], dim=2))
@@ -479,13 +480,13 @@ def _bad_cases():
 
 @pytest.mark.parametrize("match,exc,args,kw", list(_bad_cases()), ids=lambda x: x if isinstance(x, str) else "")
 def test_bad_inputs(match, exc, args, kw, monkeypatch):
-    from fastformer.ops import attention as A
+    from fastformer.ops.attention import torch_impl, triton_impl
 
-    def boom(*a, **k):
+    def boom(*_a, **_k):
         raise AssertionError("a kernel was launched for bad input")
 
-    monkeypatch.setattr(A, "_triton_fwd", boom)
-    monkeypatch.setattr(A, "_torch_fwd", boom)
+    monkeypatch.setattr(triton_impl, "fwd", boom)
+    monkeypatch.setattr(torch_impl, "fwd", boom)
     with pytest.raises(exc, match=match):
         fastformer.attention(*args, backend=FUSED, **kw)
 

@@ -1,0 +1,53 @@
+"""Attention on the CUDA C++ kernels of csrc/attention.cu (fastformer._C): a simple reference, not the fast path."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastformer import _ext, utils
+from fastformer.ops import dropout
+from fastformer.ops.attention.op import AttentionArgs, lastdim
+
+
+def _ptrs(*tensors: Tensor | None) -> list[int]:
+    return [utils.ptr(t) for t in tensors]
+
+
+def _inputs(a: AttentionArgs) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The mask as bytes (a bool view, no copy) and cu_seqlens as int32, as the kernels read them."""
+    mask8 = a.key_padding_mask.view(torch.uint8) if a.key_padding_mask is not None else None
+    return mask8, *(t.to(torch.int32) if t is not None else None for t in (a.cu_seqlens_q, a.cu_seqlens_k))
+
+
+def _tail(a: AttentionArgs, inputs: tuple, more_strides: list[int]) -> tuple:
+    """The arguments both launchers take after their tensors, in the flat form csrc/ops.h documents: the
+    :func:`_inputs` pointers (the caller keeps them alive), dims, strides (q, k, v, lse, mask, then
+    ``more_strides``), flags, dropout, dtype and stream."""
+    dims = [a.batch, a.h, a.hkv, a.sq, a.sk, a.d, a.drop_stride, int(a.varlen)]
+    strides = [*a.strides(a.q, a.k, a.v), *a.lse_strides(), *a.mask_strides(inputs[0]), *more_strides]
+    seed, thresh, _ = dropout.kernel_args(a.dropout_p, a.seed)
+    flags = (bool(a.causal), float(a.scale), seed, float(a.dropout_p), thresh)
+    return *_ptrs(*inputs), dims, strides, *flags, utils.DTYPE_CODE[a.q.dtype], utils.stream_handle(a.q.device)
+
+
+def fwd(a: AttentionArgs) -> tuple[Tensor, Tensor]:
+    a = a.lastdim()
+    out = torch.zeros(a.q.shape, dtype=a.q.dtype, device=a.q.device)
+    lse = a.lse_empty().fill_(float("inf"))  # rows outside every sequence (varlen) stay empty
+    if a.no_rows:
+        return out, lse
+    inputs = _inputs(a)
+    _ext.load().attention_fwd(*_ptrs(a.q, a.k, a.v, out, lse), *_tail(a, inputs, a.strides(out)))
+    return out, lse
+
+
+def bwd(a: AttentionArgs, dout: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    a, out, dout = a.lastdim(), lastdim(out), lastdim(dout)
+    dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (a.q, a.k, a.v))
+    if a.no_pairs:
+        return dq, dk, dv
+    delta = torch.zeros_like(lse)
+    tensors, inputs = (dout, a.q, a.k, a.v, out, lse, delta, dq, dk, dv), _inputs(a)
+    _ext.load().attention_bwd(*_ptrs(*tensors), *_tail(a, inputs, a.strides(dout, out, dq, dk, dv)))
+    return dq, dk, dv
