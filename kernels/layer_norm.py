@@ -96,9 +96,9 @@ def layer_norm_bwd_kernel(
     m,  # rows
     n,  # columns
     n_progs,  # programs in the (persistent) grid
-    seed,  # Philox key for dropout
-    thresh,  # dropout keep threshold on 24 random bits
-    keep_scale,  # 1 / (1 - p)
+    seed,  # Philox key of the forward's mask, regenerated here
+    thresh,  # its 24-bit keep threshold
+    keep_scale,  # kept gradients are scaled by 1 / (1 - p)
     HAS_DS_OUT: tl.constexpr,
     HAS_DRES: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,

@@ -32,7 +32,6 @@ from fastformer.nn.layer_norm import DropoutAddLayerNorm, LayerNorm
 from fastformer.ops.attention import pad_input, unpad_input
 from fastformer.ops.ffn import linear
 
-
 OptT = Tensor | None  # an optional (B, S) input of the transformers-style forward
 
 

@@ -22,8 +22,9 @@ class FeedForward(nn.Module):
         activation: None, "gelu", "gelu_tanh" or "relu".
         dropout_p: dropout probability on the hidden activation while training, in [0, 1).
         bias: whether both layers have a bias.
-        recompute: recompute the hidden pre-activation in backward instead of keeping it.
         backend: fixed backend for this module (default: the ambient selection).
+        recompute: recompute the hidden pre-activation in backward instead of keeping it.
+        device, dtype: of the parameters, as for ``torch.nn`` modules.
     """
 
     def __init__(
@@ -34,8 +35,8 @@ class FeedForward(nn.Module):
         dropout_p: float = 0.0,
         bias: bool = True,
         *,
-        recompute: bool = False,
         backend: str | None = None,
+        recompute: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:

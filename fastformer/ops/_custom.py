@@ -58,12 +58,12 @@ class OpArgs:
 def define(
     name: str, front: str, args: type[OpArgs], returns: str, fn: Callable[..., Any]
 ) -> torch.library.CustomOpDef:
-    """``fastformer::<name>`` taking ``front`` (schema text) followed by the fields of ``args``.
+    """``fastformer::<name>`` taking ``front`` (schema text, possibly empty) followed by the fields of ``args``.
 
     ``fn`` receives the arguments positionally: the front ones, then the fields of ``args`` (rebuild it with
     ``args(*rest)``). Register the fake and autograd on the returned definition.
     """
-    schema = f"({front}, {args.schema()}) -> {returns}"
+    schema = f"({', '.join(part for part in (front, args.schema()) if part)}) -> {returns}"
     return torch.library.custom_op(f"fastformer::{name}", fn, mutates_args=(), schema=schema)
 
 

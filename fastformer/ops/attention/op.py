@@ -150,13 +150,7 @@ def _attention_bwd_fake(_dout: Tensor, _out: Tensor, _lse: Tensor, *fields) -> t
     return a.q.new_empty(a.q.shape), a.k.new_empty(a.k.shape), a.v.new_empty(a.v.shape)
 
 
-# the forward takes nothing in front of the argument object, so its schema is the fields alone
-attention_fwd = torch.library.custom_op(
-    "fastformer::attention_fwd",
-    _attention_fwd,
-    mutates_args=(),
-    schema=f"({AttentionArgs.schema()}) -> (Tensor, Tensor)",
-)
+attention_fwd = _custom.define("attention_fwd", "", AttentionArgs, "(Tensor, Tensor)", _attention_fwd)
 attention_fwd.register_fake(_attention_fwd_fake)
 attention_bwd = _custom.define(
     "attention_bwd", "Tensor dout, Tensor out, Tensor lse", AttentionArgs, "(Tensor, Tensor, Tensor)", _attention_bwd
