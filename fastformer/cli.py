@@ -1,4 +1,4 @@
-"""The ``fastformer`` command: ``info``, ``bench <op>``, ``build`` and ``demo``."""
+"""The ``fastformer`` command: ``info``, ``bench <op>``, ``build``, ``inspect`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     b = sub.add_parser("bench", help="run a microbenchmark (extra arguments go to it; try --help after the name)")
     b.add_argument("name", choices=(*BENCHES, "all"))
     sub.add_parser("build", help="build fastformer._C into the per-user cache (needs nvcc)")
+    sub.add_parser("inspect", help="compile every Triton launch for sm_90/sm_80 and report its resources (no GPU)")
     sub.add_parser("demo", help="info, the GPT-vs-BERT study and the LayerNorm benchmark")
     args, rest = parser.parse_known_args(argv)
     if args.cmd == "info":
@@ -95,6 +96,10 @@ def main(argv: list[str] | None = None) -> None:
         print(_build.jit_build(verbose=True))
     elif args.cmd == "demo":
         demo()
+    elif args.cmd == "inspect":
+        from fastformer import inspect
+
+        sys.exit(inspect.main(rest))
     if rest and args.cmd != "bench":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
 

@@ -1,0 +1,100 @@
+"""``fastformer inspect``: every Triton launch of the launchers, compiled for a GPU as the JIT would, with no GPU.
+
+For a set of representative problems (GPT-2 and BERT training steps, d=128 long-sequence attention, decoding,
+the GPT-2 feed-forward, LayerNorm at three widths) the launches are recorded (:mod:`.capture`), expanded over
+every config the autotuner may try on the arch plus the untuned defaults, compiled with Triton's compiler and
+read (:mod:`.compile`): matrix-instruction lowering, registers, spills, shared memory, TMA, and instructions
+per iteration of the hot loop. ``--check`` exits non-zero on what a Hopper-grade kernel must not do:
+a spill, shared memory above the device's limit, a matmul kernel not on ``wgmma`` (sm_90), a failed compile.
+
+    fastformer inspect [--arch sm_90|sm_80] [--json FILE] [--check] [--only TEXT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+COLUMNS = ("kernel", "status", "config", "grid", "mma", "regs", "stack", "spill_ops", "smem", "tma", "loop")
+
+
+def inspect_arch(arch: int, only: str | None = None, workers: int | None = None) -> list[dict[str, Any]]:
+    """One row per (launch, config) of every representative problem whose name contains ``only``."""
+    from fastformer.inspect import capture, compile
+
+    scenarios = {k: v for k, v in capture.SCENARIOS.items() if only is None or only in k}
+    launches = capture.capture(arch, scenarios)
+    jobs = [compile.job(launch, arch) for launch in launches]
+    facts = compile.compile_all(jobs, workers)
+    rows = []
+    for launch, j in zip(launches, jobs, strict=True):
+        config = " ".join(f"{k.removeprefix('BLOCK_').removeprefix('num_')}={v}" for k, v in launch.config.items())
+        row = dict(scenario=launch.scenario, kernel=launch.kernel, status=launch.status, config=config)
+        rows.append(dict(row, grid=launch.grid[0] * launch.grid[1] * launch.grid[2], **facts[compile.key(j)]))
+    return rows
+
+
+def problems(rows: list[dict[str, Any]], arch: int) -> list[str]:
+    """What ``--check`` fails on, one line each; pruned configs are never launched and are not judged."""
+    from fastformer.inspect.capture import DEVICES
+
+    out = []
+    launched = {(r["scenario"], r["kernel"]) for r in rows}
+    untuned = {(r["scenario"], r["kernel"]) for r in rows if r["status"] == "default"}
+    out += [f"{s}: {k}: no untuned default launch in the table" for s, k in sorted(launched - untuned)]
+    for r in rows:
+        if r["status"] == "pruned":
+            continue
+        where = f"{r['scenario']}: {r['kernel']} [{r['status']} {r['config']}]"
+        if "error" in r:
+            out.append(f"{where}: does not compile: {r['error']}")
+            continue
+        if r["stack"] or r["spill_ops"]:
+            out.append(f"{where}: spills ({r['stack']} B of local memory, {r['spill_ops']} LDL/STL)")
+        if r["smem"] > DEVICES[arch].smem:
+            out.append(f"{where}: {r['smem']} B of shared memory > the device's {DEVICES[arch].smem}")
+        if arch >= 90 and r["dot"] and r["mma"] != "wgmma":
+            out.append(f"{where}: matmul lowered to {r['mma']}, not wgmma")
+    return sorted(set(out))
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in COLUMNS}
+    scenario = None
+    for r in rows:
+        if r["scenario"] != scenario:
+            scenario = r["scenario"]
+            print(f"\n{scenario}\n  " + "  ".join(c.ljust(widths[c]) for c in COLUMNS))
+        print("  " + "  ".join(str(r[c]).ljust(widths[c]) for c in COLUMNS))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastformer inspect", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", choices=("sm_90", "sm_80"), default="sm_90", help="target GPU architecture")
+    parser.add_argument("--json", metavar="FILE", help="also write every row as JSON")
+    parser.add_argument("--check", action="store_true", help="exit 1 on spills, smem overflow, non-wgmma matmuls")
+    parser.add_argument("--only", metavar="TEXT", help="only the problems whose name contains TEXT")
+    parser.add_argument("--workers", type=int, help="compile processes (default: one per core)")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        # the interpreter replaces Triton's compiler: inspect in a process that never had it switched on
+        if "triton" in sys.modules:
+            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+            cmd = [sys.executable, "-m", "fastformer", "inspect", *(argv if argv is not None else sys.argv[2:])]
+            return subprocess.run(cmd, env=env).returncode
+        os.environ.pop("TRITON_INTERPRET")
+    arch = int(args.arch.removeprefix("sm_"))
+    rows = inspect_arch(arch, args.only, args.workers)
+    print_table(rows)
+    found = problems(rows, arch)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"arch": args.arch, "rows": rows, "problems": found}, f, indent=1)
+    print(f"\n{len(rows)} (launch, config) rows, {len({(r['kernel'], r['config']) for r in rows})} kernel variants")
+    for p in found:
+        print(f"PROBLEM {p}")
+    return 1 if args.check and found else 0
