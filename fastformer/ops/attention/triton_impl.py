@@ -66,7 +66,7 @@ def fwd(a: AttentionArgs) -> tuple[Tensor, Tensor]:
     def grid(meta):
         return (utils.cdiv(a.sq, meta["BLOCK_M"]) * a.batch * a.h,)
 
-    meta = tuning.launch_meta("fwd", flags["BLOCK_D"], q.element_size())
+    meta = tuning.launch_meta("fwd", a, flags["BLOCK_D"])
     tuning.kernel("fwd")[grid](
         *head, *_with_strides(a, out), lse, *a.lse_strides(), *tail, 128, 0, 0, IS_SPLIT=False, **flags, **meta
     )
@@ -106,7 +106,6 @@ def bwd(a: AttentionArgs, dout: Tensor, out: Tensor, lse: Tensor) -> tuple[Tenso
     grid = (utils.cdiv(a.sq, pre_bm) * a.batch * a.h,)
     attention_bwd_preprocess_kernel[grid](*pre, IS_VARLEN=a.varlen, BLOCK_M=pre_bm, BLOCK_D=bd)
     stats, tail = (lse, delta, *a.lse_strides()), _tail(a, a.scale)
-    launch = {**flags, **tuning.launch_meta("bwd", bd, a.q.element_size())}
 
     def grid_kv(meta):
         return (utils.cdiv(a.sk, meta["BLOCK_N"]) * a.batch * a.hkv,)
@@ -115,6 +114,7 @@ def bwd(a: AttentionArgs, dout: Tensor, out: Tensor, lse: Tensor) -> tuple[Tenso
         return (utils.cdiv(a.sq, meta["BLOCK_M"]) * a.batch * a.h,)
 
     kv_side, q_side = _with_strides(a, a.k, a.v), _with_strides(a, a.q, dout)
-    tuning.kernel("dkdv")[grid_kv](*kv_side, *_with_strides(a, dk, dv), *q_side, *stats, *tail, **launch)
-    tuning.kernel("dq")[grid_q](*q_side, *_with_strides(a, dq), *stats, *kv_side, *tail, **launch)
+    dkdv_meta, dq_meta = (tuning.launch_meta(kind, a, bd) for kind in ("dkdv", "dq"))
+    tuning.kernel("dkdv")[grid_kv](*kv_side, *_with_strides(a, dk, dv), *q_side, *stats, *tail, **flags, **dkdv_meta)
+    tuning.kernel("dq")[grid_q](*q_side, *_with_strides(a, dq), *stats, *kv_side, *tail, **flags, **dq_meta)
     return dq, dk, dv

@@ -13,11 +13,16 @@ from fastformer import utils
 from fastformer.kernels import attention as kernels
 from fastformer.ops.attention.op import AttentionArgs
 
-# Autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) shared by sm80 and sm90; the ones that do not fit
-# the device's shared memory or would spill their fp32 accumulators at this head dim are pruned before timing.
-_FWD_CONFIGS = ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2))
-_BWD_CONFIGS = ((64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 32, 4, 2))
-_KEY = ["BLOCK_D", "seq_bucket", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT", "IS_VARLEN"]
+# Candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, in order of preference: the first one allowed
+# and fitting shared memory is the untuned default (FASTFORMER_AUTOTUNE=0). Each was compiled for sm_90 by
+# `fastformer inspect` at head dims 64 and 128: all lower to wgmma, which needs 64 rows per warpgroup (queries,
+# BLOCK_M, in the forward and dQ; keys, BLOCK_N, in dK/dV), and none spills where `_allowed` admits it.
+_CONFIGS = {
+    "fwd": ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)),
+    "dkdv": ((32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2)),
+    "dq": ((64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 8, 2), (64, 128, 8, 2)),
+}
+_KEY = ["BLOCK_D", "group", "seq_bucket", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT", "IS_VARLEN"]
 _KERNELS = {
     "fwd": kernels.attention_fwd_kernel,
     "dkdv": kernels.attention_bwd_dkdv_kernel,
@@ -26,10 +31,6 @@ _KERNELS = {
 
 # one fixed launch configuration under the interpreter: big tiles mean fewer, cheaper numpy steps
 _INTERP_BLOCK = {"BLOCK_M": 32, "BLOCK_N": 32}
-
-# heuristic configs in order of preference when not autotuning; the first that fits is used
-_FIXED_FWD = ((128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1))
-_FIXED_BWD = ((64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 1))
 
 # split-KV decoding: used when there are few query rows (<= SPLIT_MAX_Q), at least SPLIT_MIN_KEYS keys, and
 # too few query tiles to fill the GPU
@@ -42,34 +43,49 @@ def _smem_limit() -> int:
     return int(getattr(props, "shared_memory_per_block_optin", 99 * 1024))
 
 
-def _fits(kind: str, bm: int, bn: int, warps: int, stages: int, bd: int, elem: int, limit: int) -> bool:
-    threads = 32 * warps
-    if kind == "fwd":  # q tile resident, K and V tiles pipelined; acc (bm, bd) fp32 in registers
+def _allowed(kind: str, cfg: tuple[int, int, int, int], bd: int, group: int, dropout: bool) -> bool:
+    """Whether a candidate stays out of local memory here, as `fastformer inspect` reads the kernels on sm_90.
+
+    Dropout's mask bits spill the forward's 128x128 tile and the backward's 64x128 ones; beyond d = 64 the dK/dV
+    kernel (keys, values and both fp32 accumulators resident) fits in registers only as 32x128 on 8 warps, or as
+    64x64 on 8 and 32x64 on 4 without GQA (whose extra loop over the query heads of a kv head costs registers).
+    """
+    bm, bn, warps, _ = cfg
+    if dropout and (bm * bn > 128 * 64 if kind == "fwd" else (bm, bn) == (64, 128)):
+        return False
+    if kind == "dkdv" and bd > 64:
+        return (bm, bn, warps) == (32, 128, 8) or (group == 1 and (bm, bn, warps) in ((64, 64, 8), (32, 64, 4)))
+    return True
+
+
+def _fits_smem(kind: str, cfg: tuple[int, int, int, int], bd: int, elem: int, limit: int) -> bool:
+    bm, bn, _, stages = cfg
+    if kind == "fwd":  # q tile resident, K and V tiles pipelined
         smem = (bm * bd + stages * 2 * bn * bd) * elem
-        regs = bm * bd // threads
-    else:  # k, v resident, q and dO tiles pipelined, P/dS staged; dk/dv or dq accumulators in registers
+    else:  # k, v resident, q and dO tiles pipelined, P/dS staged
         smem = (2 * bn * bd + stages * 2 * bm * bd) * elem + bm * bn * 4
-        regs = 2 * max(bm, bn) * bd // threads
-    return smem <= limit and regs <= 128
+    return smem <= limit
+
+
+def _usable(kind: str, bd: int, elem: int, group: int, dropout: bool) -> list[tuple[int, int, int, int]]:
+    """The candidates of ``kind`` for this head dim (BLOCK_D), element size and flags, in order of preference."""
+    limit = _smem_limit()
+    table = _CONFIGS[kind]
+    usable = [c for c in table if _allowed(kind, c, bd, group, dropout) and _fits_smem(kind, c, bd, elem, limit)]
+    return usable or [min(table, key=lambda c: c[0] * c[1])]
 
 
 def _configs(kind: str) -> list:
     import triton
 
-    table = _FWD_CONFIGS if kind == "fwd" else _BWD_CONFIGS
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in table]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in _CONFIGS[kind]]
 
 
 def _prune(kind: str):
     def prune(configs, named_args, **kwargs):
-        bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-        elem, limit = named_args["Q"].element_size(), _smem_limit()
-        keep = [
-            c
-            for c in configs
-            if _fits(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, bd, elem, limit)
-        ]
-        return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        bd, dropout = kwargs["BLOCK_D"], kwargs["HAS_DROPOUT"]
+        usable = _usable(kind, bd, named_args["Q"].element_size(), named_args["group"], dropout)
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in usable]
 
     return prune
 
@@ -78,24 +94,20 @@ def kernel(kind: str):
     """The jitted kernel ("fwd", "dkdv" or "dq"), wrapped in an autotuner on GPU (fixed configs otherwise)."""
     if not utils.autotune_enabled():
         return _KERNELS[kind]
-    group = "fwd" if kind == "fwd" else "bwd"
-    return utils.autotuned(f"attention_{kind}", _KERNELS[kind], lambda: _configs(group), _KEY, _prune(group))
+    return utils.autotuned(f"attention_{kind}", _KERNELS[kind], lambda: _configs(kind), _KEY, _prune(kind))
 
 
 def seq_bucket(n: int) -> int:
     return min(utils.next_pow2(max(n, 1)), 8192)
 
 
-def launch_meta(kind: str, bd: int, elem: int) -> dict:
-    """Launch settings when not autotuning: the interpreter's config, or a heuristic one on GPU."""
+def launch_meta(kind: str, a: AttentionArgs, bd: int) -> dict:
+    """Launch settings when not autotuning: the interpreter's config, or the first usable candidate on GPU."""
     if utils.interpreting():
         return dict(_INTERP_BLOCK)
     if utils.autotune_enabled():
         return {}
-    table = _FIXED_FWD if kind == "fwd" else _FIXED_BWD
-    limit = _smem_limit()
-    fits = [c for c in table if _fits(kind, *c, bd, elem, limit)]
-    bm, bn, w, st = fits[0] if fits else table[-1]
+    bm, bn, w, st = _usable(kind, bd, a.q.element_size(), a.group, a.dropout_p > 0)[0]
     return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
 
 
@@ -111,9 +123,12 @@ def num_splits(a: AttentionArgs, device: torch.device) -> int:
 
 
 def split_meta(bd: int, elem: int) -> dict:
-    """Tiles and launch settings of the split-KV forward: 16 query rows, K/V tiles of BLOCK_N x BLOCK_D pipelined
-    within shared memory for wide rows and fp32."""
+    """Tiles and launch settings of the split-KV forward: K/V tiles of BLOCK_N x BLOCK_D pipelined within shared
+    memory for wide rows and fp32. On GPU the query tile has 64 rows, the fewest wgmma takes on sm_90 (decoding
+    fills one of them per (batch, head): the step is bound by reading K/V, not by the idle rows' arithmetic);
+    the interpreter runs 16."""
     row_bytes = bd * elem
-    block_n = 32 if utils.interpreting() or row_bytes > 256 else (128 if row_bytes <= 128 else 64)
-    launch = {} if utils.interpreting() else {"num_warps": 4, "num_stages": 3 if row_bytes <= 256 else 2}
-    return {"BLOCK_M": 16, "BLOCK_N": block_n, **launch}
+    if utils.interpreting():
+        return {"BLOCK_M": 16, "BLOCK_N": 32}
+    block_n = 32 if row_bytes > 256 else (128 if row_bytes <= 128 else 64)
+    return {"BLOCK_M": 64, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 3 if row_bytes <= 256 else 2}

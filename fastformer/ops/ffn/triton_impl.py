@@ -22,6 +22,9 @@ _FIXED_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "nu
 # bf16/fp16 tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) that fit sm80 (164 KiB) and sm90 (228 KiB)
 # shared memory; configs that do not fit (fp32 inputs) fail to compile and the autotuner skips them
 _TUNE_TILES = ((128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3))
+# the autotune key: problem size buckets and every epilogue flag, so a config tuned for one epilogue is never
+# reused for another (they differ in registers and in time)
+_KEY = ["m_bucket", "n_bucket", "k_bucket", "EPILOGUE", "ACT", "DROPOUT", "STORE_AUX", "HAS_BIAS"]
 
 
 def _configs() -> list:
@@ -33,11 +36,18 @@ def _configs() -> list:
     ]
 
 
+def _prune(configs: list, _named_args: dict, **kwargs) -> list:
+    """The 128x256 tile holds 128 fp32 accumulators per thread: any epilogue beyond the bias spills it
+    (`fastformer inspect`, sm_90), so it is tried for plain GEMMs only (the second layer, weight gradients)."""
+    plain = kwargs["ACT"] == 0 and not kwargs["DROPOUT"] and kwargs["EPILOGUE"] == 0 and not kwargs["STORE_AUX"]
+    return [c for c in configs if plain or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 256]
+
+
 def _kernel() -> tuple[object, dict]:
-    """(the GEMM kernel, launch settings): autotuned on power-of-two buckets of m, n, k, or one fixed config."""
+    """(the GEMM kernel, launch settings): autotuned on power-of-two buckets of m, n, k and the epilogue, or one
+    fixed config."""
     if utils.autotune_enabled():
-        key = ["m_bucket", "n_bucket", "k_bucket", "EPILOGUE"]
-        return utils.autotuned("ffn.linear", linear_kernel, _configs, key), {}
+        return utils.autotuned("ffn.linear", linear_kernel, _configs, _KEY, _prune), {}
     return linear_kernel, dict(_INTERP_CONFIG if utils.interpreting() else _FIXED_CONFIG)
 
 
@@ -91,7 +101,7 @@ def grad_pre(dy: Tensor, w_t: Tensor | None, pre: Tensor | None, epi: Epilogue, 
     (m, n), g = dy.shape, dy.new_empty(dy.shape)
     if g.numel() == 0:
         return g, None
-    block_n = min(utils.next_pow2(n), 1024)
+    block_n = min(max(4, utils.next_pow2(n)), 1024)  # dropout tiles cover whole groups of 4 columns
     block_m = max(1, 4096 // block_n)
     act_grad_kernel[(utils.cdiv(m, block_m), utils.cdiv(n, block_n))](
         dy, pre, g, m, n, *dy.stride(), *dropout.kernel_args(epi.dropout_p, epi.seed),
