@@ -3,7 +3,8 @@
 // Layout and conventions are those of fastformer/ops/attention/: q (B, Sq, H, D), k/v (B, Sk, Hkv, D) with
 // any (batch, token, head) strides and a contiguous head dimension, or packed varlen rows addressed through
 // int32 cu_seqlens; lse is fp32 natural-log, +inf for rows that see no key; causal is bottom-right aligned;
-// dropout keeps element (row r, key j) by Philox at offset r * drop_stride + j, where r is the flat lse index.
+// dropout decides element (row r, key j) of the dropout matrix with row length drop_stride (dropout.cuh), where
+// r is the flat lse index; the kernels visit a row's keys in order and reuse each Philox call for its four keys.
 //
 // Forward: a block owns kRowsPerBlock query rows of one (batch, head); each warp owns kRowsPerWarp rows and
 // each lane holds head-dim elements d = lane + 32 t (D <= 256, a runtime value). K/V tiles of kKeysPerTile
@@ -85,10 +86,22 @@ __device__ __forceinline__ int64_t lse_row(const Params& p, int64_t b, int64_t h
   return b * p.lse_b + h * p.lse_h + s.q0 + i;
 }
 
-__device__ __forceinline__ float keep_factor(const Params& p, int64_t row, int64_t j) {
-  if (!p.dropout) return 1.f;
-  return dropout_keep(p.seed, static_cast<uint64_t>(row * p.drop_stride + j), p.thresh24) ? p.keep_scale : 0.f;
-}
+// The dropout factor (keep_scale or 0; 1 without dropout) of element (row, j), remembering the last Philox call:
+// it decides four consecutive keys of a row, so a thread visiting a row's keys in order makes one call per four.
+struct KeepCache {
+  uint64_t counter = ~uint64_t{0};  // no counter reaches 2**64 - 1
+  uint32_t bits = 0;
+
+  __device__ __forceinline__ float factor(const Params& p, int64_t row, int64_t j) {
+    if (!p.dropout) return 1.f;
+    const uint64_t c = dropout_counter(row, j, p.drop_stride);
+    if (c != counter) {
+      counter = c;
+      bits = dropout_keep4(p.seed, row, j & ~int64_t{3}, p.drop_stride, p.thresh24);
+    }
+    return (bits >> (j & 3)) & 1u ? p.keep_scale : 0.f;
+  }
+};
 
 // Stage keys [n0, n0 + kKeysPerTile) of K and V (one kv head) into shared memory as fp32, zero past the end.
 template <typename T>
@@ -191,13 +204,14 @@ __global__ void attn_fwd_kernel(Params p, T* out, Strides3 so, float* lse) {
     m[r] = -INFINITY;
     l[r] = 0.f;
   }
+  KeepCache drop;
   for_visible_keys<T>(p, qt, ks, vs, [&](int r, int64_t row, int64_t jj, int64_t j) {
     const float sc = dot_row(q[r], ks + jj * p.dim, p.dim) * p.scale;
     const float m_new = fmaxf(m[r], sc);
     const float alpha = expf(m[r] - m_new);  // 0 while no key has been seen (m = -inf)
     const float e = expf(sc - m_new);
     l[r] = l[r] * alpha + e;
-    const float w = e * keep_factor(p, row, j);
+    const float w = e * drop.factor(p, row, j);
 #pragma unroll
     for (int t = 0; t < kPerLane; ++t) {
       const int64_t d = lane + 32 * t;
@@ -261,6 +275,7 @@ __global__ void attn_bwd_dkdv_kernel(Params p, const T* dout, Strides3 sdo, cons
   }
   // queries before the first one that can see key n0 see none of this block's keys
   const int64_t lo = p.causal ? imax(0, n0 - (s.len_k - s.len_q)) : 0;
+  KeepCache drop;
   for (int64_t g = 0; g < group; ++g) {
     const int64_t h = hk * group + g;
     for (int64_t i0 = lo; i0 < s.len_q; i0 += kQueryTile) {
@@ -278,15 +293,17 @@ __global__ void attn_bwd_dkdv_kernel(Params p, const T* dout, Strides3 sdo, cons
       }
       __syncthreads();
       const int64_t i_end = imin(kQueryTile, s.len_q - i0);
-      for (int c = 0; c < kKeysPerWarp; ++c) {
-        if (!on[c]) continue;  // uniform over the warp
-        const int64_t j = n0 + warp * kKeysPerWarp + c;
-        for (int64_t ii = 0; ii < i_end; ++ii) {
-          const int64_t i = i0 + ii;
-          if (!causal_ok(p, s, i, j)) continue;
+      // queries outer, this warp's (consecutive) keys inner, so that they share the row's Philox calls; each key's
+      // sums still run over the queries in order
+      for (int64_t ii = 0; ii < i_end; ++ii) {
+        const int64_t i = i0 + ii;
+        const int64_t row = lse_row(p, b, h, s, i);
+        for (int c = 0; c < kKeysPerWarp; ++c) {
+          const int64_t j = n0 + warp * kKeysPerWarp + c;
+          if (!on[c] || !causal_ok(p, s, i, j)) continue;  // uniform over the warp
           const float sc = dot_row(kr[c], qs + ii * p.dim, p.dim) * p.scale;
           const float pr = expf(sc - lse_s[ii]);  // 0 for rows with lse = +inf
-          const float keep = keep_factor(p, lse_row(p, b, h, s, i), j);
+          const float keep = drop.factor(p, row, j);
           const float dp = dot_row(vr[c], dos + ii * p.dim, p.dim) * keep;
           const float ds = pr * (dp - delta_s[ii]);
 #pragma unroll
@@ -339,10 +356,11 @@ __global__ void attn_bwd_dq_kernel(Params p, const T* dout, Strides3 sdo, const 
     lr[r] = ok ? lse[lse_row(p, qt.b, qt.h, qt.s, i)] : INFINITY;
     dl[r] = ok ? delta[lse_row(p, qt.b, qt.h, qt.s, i)] : 0.f;
   }
+  KeepCache drop;
   for_visible_keys<T>(p, qt, ks, vs, [&](int r, int64_t row, int64_t jj, int64_t j) {
     const float sc = dot_row(q[r], ks + jj * p.dim, p.dim) * p.scale;
     const float pr = expf(sc - lr[r]);
-    const float dp = dot_row(g[r], vs + jj * p.dim, p.dim) * keep_factor(p, row, j);
+    const float dp = dot_row(g[r], vs + jj * p.dim, p.dim) * drop.factor(p, row, j);
     const float ds = pr * (dp - dl[r]);
 #pragma unroll
     for (int t = 0; t < kPerLane; ++t) {

@@ -7,7 +7,8 @@
 // once; longer rows recompute s from global memory on each pass (correct, slower). The backward pass
 // runs `partial_rows` persistent blocks; each owns one fp32 row of dweight/dbias partial sums (no
 // atomics, deterministic) that Python reduces with one sum. Dropout regenerates the forward's Philox
-// mask from (seed, row * n + col).
+// mask of element (row, col) of the (rows, n) dropout matrix (dropout.cuh); the passes that draw it give
+// each thread groups of four consecutive columns, so one Philox call serves four elements.
 #include "common.cuh"
 #include "dropout.cuh"
 #include "ops.h"
@@ -36,54 +37,96 @@ struct LnArgs {
   bool dropout;
 };
 
+// f(j0, cnt) for each group of four columns j0 .. j0 + cnt - 1 (j0 a multiple of 4, cnt <= 4) this thread owns
+template <typename F>
+__device__ __forceinline__ void for_each_group(int64_t n, F&& f) {
+  const int64_t step = 4 * static_cast<int64_t>(blockDim.x);
+  for (int64_t j0 = 4 * static_cast<int64_t>(threadIdx.x); j0 < n; j0 += step) {
+    f(j0, n - j0 < 4 ? static_cast<int>(n - j0) : 4);
+  }
+}
+
+// s at columns j0 .. j0 + cnt - 1 of `row` into v: one Philox call decides the four
 template <typename T>
-__device__ __forceinline__ float load_s(const LnArgs<T>& a, int64_t row, int64_t j) {
-  float v = to_f32(a.x[row * a.stride_x + j]);
-  if (a.dropout) v = dropout_keep(a.seed, static_cast<uint64_t>(row * a.n + j), a.thresh24) ? v * a.keep_scale : 0.f;
-  if (a.residual) v += to_f32(a.residual[row * a.stride_r + j]);
-  return v;
+__device__ __forceinline__ void load_s(const LnArgs<T>& a, int64_t row, int64_t j0, int cnt, float (&v)[4]) {
+  const uint32_t keep = a.dropout ? dropout_keep4(a.seed, row, j0, a.n, a.thresh24) : 0xFu;
+#pragma unroll
+  for (int t = 0; t < 4; ++t) {
+    if (t >= cnt) break;
+    float x = to_f32(a.x[row * a.stride_x + j0 + t]);
+    if (a.dropout) x = (keep >> t) & 1u ? x * a.keep_scale : 0.f;
+    if (a.residual) x += to_f32(a.residual[row * a.stride_r + j0 + t]);
+    v[t] = x;
+  }
+}
+
+// The row's s at columns j0 .. j0 + cnt - 1 after the first pass: from the shared-memory cache (one 16-byte
+// access per full group), the rounded residual output, or recomputed.
+template <typename T>
+__device__ __forceinline__ void reload_s(const LnArgs<T>& a, const float* cache, int64_t row, int64_t j0, int cnt,
+                                         float (&v)[4]) {
+  if (cache != nullptr && cnt == 4) {
+    const float4 c = *reinterpret_cast<const float4*>(cache + j0);
+    v[0] = c.x, v[1] = c.y, v[2] = c.z, v[3] = c.w;
+  } else if (cache != nullptr || a.res_out != nullptr) {
+    for (int t = 0; t < cnt; ++t) v[t] = cache != nullptr ? cache[j0 + t] : to_f32(a.res_out[row * a.n + j0 + t]);
+  } else {
+    load_s(a, row, j0, cnt, v);
+  }
 }
 
 template <typename T>
 __global__ void layer_norm_fwd_kernel(LnArgs<T> a) {
-  extern __shared__ float cache[];  // s for this row, when the row fits
+  extern __shared__ float4 cache4[];  // s for this row, when the row fits (float4: 16-byte aligned)
   __shared__ float scratch[32];
   const int64_t row = blockIdx.x;
-  const bool cached = a.n <= kSmemCols;
+  float* cache = a.n <= kSmemCols ? reinterpret_cast<float*>(cache4) : nullptr;
   // the residual output is rounded to T; normalise exactly that so backward (which reloads it) agrees
   const bool rounded = a.res_out != nullptr;
 
   float sum = 0.f;
-  for (int64_t j = threadIdx.x; j < a.n; j += blockDim.x) {
-    float v = load_s(a, row, j);
-    if (rounded) {
-      const T r = from_f32<T>(v);
-      a.res_out[row * a.n + j] = r;
-      v = to_f32(r);
+  for_each_group(a.n, [&](int64_t j0, int cnt) {
+    float v[4];
+    load_s(a, row, j0, cnt, v);
+    for (int t = 0; t < cnt; ++t) {
+      if (rounded) {
+        const T r = from_f32<T>(v[t]);
+        a.res_out[row * a.n + j0 + t] = r;
+        v[t] = to_f32(r);
+      }
+      sum += v[t];
     }
-    if (cached) cache[j] = v;
-    sum += v;
-  }
+    if (cache != nullptr && cnt == 4) {
+      cache4[j0 / 4] = make_float4(v[0], v[1], v[2], v[3]);
+    } else if (cache != nullptr) {
+      for (int t = 0; t < cnt; ++t) cache[j0 + t] = v[t];
+    }
+  });
   const float mu = block_sum(sum, scratch) / static_cast<float>(a.n);
 
   float sq = 0.f;
-  for (int64_t j = threadIdx.x; j < a.n; j += blockDim.x) {
-    const float d = (cached ? cache[j] : (rounded ? to_f32(a.res_out[row * a.n + j]) : load_s(a, row, j))) - mu;
-    sq += d * d;
-  }
+  for_each_group(a.n, [&](int64_t j0, int cnt) {
+    float v[4];
+    reload_s(a, cache, row, j0, cnt, v);
+    for (int t = 0; t < cnt; ++t) sq += (v[t] - mu) * (v[t] - mu);
+  });
   const float rs = rsqrtf(block_sum(sq, scratch) / static_cast<float>(a.n) + a.eps);
   if (threadIdx.x == 0) {
     a.mean[row] = mu;
     a.rstd[row] = rs;
   }
 
-  for (int64_t j = threadIdx.x; j < a.n; j += blockDim.x) {
-    const float v = cached ? cache[j] : (rounded ? to_f32(a.res_out[row * a.n + j]) : load_s(a, row, j));
-    float out = (v - mu) * rs;
-    if (a.weight) out *= to_f32(a.weight[j]);
-    if (a.bias) out += to_f32(a.bias[j]);
-    a.y[row * a.n + j] = from_f32<T>(out);
-  }
+  for_each_group(a.n, [&](int64_t j0, int cnt) {
+    float v[4];
+    reload_s(a, cache, row, j0, cnt, v);
+    for (int t = 0; t < cnt; ++t) {
+      const int64_t j = j0 + t;
+      float out = (v[t] - mu) * rs;
+      if (a.weight) out *= to_f32(a.weight[j]);
+      if (a.bias) out += to_f32(a.bias[j]);
+      a.y[row * a.n + j] = from_f32<T>(out);
+    }
+  });
 }
 
 template <typename T>
@@ -123,19 +166,21 @@ __global__ void layer_norm_bwd_kernel(LnBwdArgs<T> a) {
     }
     c1 = block_sum(c1, scratch) * inv_n;
     c2 = block_sum(c2, scratch) * inv_n;
-    for (int64_t j = threadIdx.x; j < a.n; j += blockDim.x) {
-      const float g = to_f32(a.dy[base + j]);
-      const float xhat = (to_f32(a.s[base + j]) - mu) * rs;
-      float ds = rs * (g * (a.weight ? to_f32(a.weight[j]) : 1.f) - (xhat * c1 + c2));
-      if (a.dres_out) ds += to_f32(a.dres_out[base + j]);
-      if (a.dres) a.dres[base + j] = from_f32<T>(ds);
-      float d = ds;
-      if (a.dropout) d = dropout_keep(a.seed, static_cast<uint64_t>(base + j), a.thresh24) ? d * a.keep_scale : 0.f;
-      a.dx[base + j] = from_f32<T>(d);
-      // each block owns its partial row: plain read-modify-write, no atomics
-      if (dw) dw[j] += g * xhat;
-      if (db) db[j] += g;
-    }
+    for_each_group(a.n, [&](int64_t j0, int cnt) {
+      const uint32_t keep = a.dropout ? dropout_keep4(a.seed, row, j0, a.n, a.thresh24) : 0xFu;
+      for (int t = 0; t < cnt; ++t) {
+        const int64_t j = j0 + t;
+        const float g = to_f32(a.dy[base + j]);
+        const float xhat = (to_f32(a.s[base + j]) - mu) * rs;
+        float ds = rs * (g * (a.weight ? to_f32(a.weight[j]) : 1.f) - (xhat * c1 + c2));
+        if (a.dres_out) ds += to_f32(a.dres_out[base + j]);
+        if (a.dres) a.dres[base + j] = from_f32<T>(ds);
+        a.dx[base + j] = from_f32<T>((keep >> t) & 1u ? ds * a.keep_scale : 0.f);
+        // each block owns its partial row: plain read-modify-write, no atomics
+        if (dw) dw[j] += g * xhat;
+        if (db) db[j] += g;
+      }
+    });
   }
 }
 

@@ -50,9 +50,10 @@ def cdiv(a: int, b: int) -> int:
 def row_settings(n_cols: int, elem_bytes: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for kernels that hold whole rows of ``n_cols`` in registers.
 
-    Narrow rows are packed several to a program so each program still moves ~16 KiB.
+    Narrow rows are packed several to a program so each program still moves ~16 KiB. BLOCK_N is at least 4: a
+    dropout tile covers whole groups of 4 columns (kernels/dropout.py).
     """
-    block_n = next_pow2(n_cols)
+    block_n = max(4, next_pow2(n_cols))
     block_m = max(1, min(16, 4096 // block_n))
     tile_bytes = block_m * block_n * elem_bytes
     num_warps = max(1, min(16, tile_bytes // 2048))

@@ -24,9 +24,11 @@ Split-KV decoding (IS_SPLIT): for few query rows and long keys, the keys are cut
 so that many programs share one row; each writes a normalised fp32 partial output and its lse, and
 ``attention_fwd_combine_kernel`` merges them with weights exp(lse_split - lse).
 
-Dropout (HAS_DROPOUT) drops P after the normaliser is accumulated; element (row r, key j) uses the Philox
-offset ``r * drop_stride + j`` where r is the flat lse index of the row (see fastformer/ops/attention/), and
-backward regenerates the same decisions.
+Dropout (HAS_DROPOUT) drops P after the normaliser is accumulated; element (row r, key j) is element (r, j) of
+the dropout matrix with row length ``drop_stride`` (kernels/dropout.py: word j % 4 of the Philox call at counter
+``r * ceil(drop_stride / 4) + j // 4``), where r is the flat lse index of the row (see fastformer/ops/attention/).
+Key tiles start at multiples of BLOCK_N, a multiple of 4, so one Philox call decides 4 keys. Backward
+regenerates the same decisions; the dK/dV kernel builds the (queries, keys) mask and transposes it.
 
 Layouts: tensors are addressed as base + b*stride_b + (seq_start + i)*stride_s + h*stride_h + d with all
 strides passed in (last dimension contiguous), so views such as a packed QKV projection need no copy.
@@ -315,8 +317,7 @@ def attention_fwd_kernel(
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, lse_rows[:, None] * drop_stride + cols64[None, :], thresh)
-            p = tl.where(keep, p * keep_scale, 0.0)
+            p = tl.where(dropout_keep(seed, lse_rows, start_n, drop_stride, thresh, BLOCK_N), p * keep_scale, 0.0)
         v = _load_rows(v_base, cols64, stride_vs, offs_d, n_ok, d_ok, False)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
@@ -514,9 +515,8 @@ def attention_bwd_dkdv_kernel(
                     pt = tl.where(offs_n[:, None] <= rows[None, :] + causal_off, pt, 0.0)
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             if HAS_DROPOUT:
-                keep = dropout_keep(
-                    seed, (l_base + rows64)[None, :] * drop_stride + offs_n.to(tl.int64)[:, None], thresh
-                )
+                # the (queries, keys) mask of the forward, transposed to this (keys, queries) tile
+                keep = tl.trans(dropout_keep(seed, l_base + rows64, start_n * BLOCK_N, drop_stride, thresh, BLOCK_N))
                 dv += tl.dot(tl.where(keep, pt * keep_scale, 0.0).to(do.dtype), do, input_precision=DOT_PREC)
                 dpt = tl.where(keep, dpt * keep_scale, 0.0)
             else:
@@ -615,8 +615,7 @@ def attention_bwd_dq_kernel(
             p = tl.where(_edge_ok(cols, offs_m, n_ok, causal_off, IS_CAUSAL), p, 0.0)
         dp = tl.dot(do, vt, input_precision=DOT_PREC)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, l_rows[:, None] * drop_stride + cols64[None, :], thresh)
-            dp = tl.where(keep, dp * keep_scale, 0.0)
+            dp = tl.where(dropout_keep(seed, l_rows, start_n, drop_stride, thresh, BLOCK_N), dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PREC)
     dq = dq * sm_scale

@@ -21,8 +21,8 @@ writing d(pre) once, which the dX and dW GEMMs then read as a plain operand.
 Tiles are visited in groups of GROUP_M rows of tiles so that neighbouring programs share A and B
 tiles in L2. Rows use modular indexing (always in bounds) and K is masked, so any M, N, K works;
 pointer offsets are int64. fp32 inputs use ``DOT_PRECISION`` ("ieee", or "tf32" on GPU when torch
-allows it). Dropout draws from the shared Philox stream (kernels/dropout.py) at the flat int64 element
-offset ``row * N + col``.
+allows it). Dropout decides element (row, col) of the (M, N) dropout matrix of the shared Philox scheme
+(kernels/dropout.py): one Philox call per 4 columns, so BLOCK_N is a multiple of 4 (tiles start at multiples of it).
 
 Limits: outputs C/AUX/H are contiguous (M, N); inputs may have any strides. bf16 runs only on GPU
 (the Triton interpreter computes bf16 dots wrongly).
@@ -141,7 +141,7 @@ def linear_kernel(
     out_rows = offs_m.to(tl.int64)
     out_cols = offs_n.to(tl.int64)
     mask = (offs_m[:, None] < m) & (offs_n[None, :] < n)
-    flat = out_rows[:, None] * n + out_cols[None, :]  # also the dropout counter
+    flat = out_rows[:, None] * n + out_cols[None, :]
     out_ty = C.dtype.element_ty
 
     if EPILOGUE == 0:
@@ -152,14 +152,14 @@ def linear_kernel(
             tl.store(AUX + flat, acc.to(out_ty), mask=mask)
         y, _ = _act_and_grad(acc, ACT, False)
         if DROPOUT:
-            y = tl.where(dropout_keep(seed, flat, thresh), y * scale, 0.0)
+            y = tl.where(dropout_keep(seed, out_rows, pid_n * BLOCK_N, n, thresh, BLOCK_N), y * scale, 0.0)
         tl.store(C + flat, y.to(out_ty), mask=mask)
     else:
         pre = tl.load(AUX + flat, mask=mask, other=0.0).to(tl.float32)
         h, dact = _act_and_grad(pre, ACT, True)
         g = acc * dact
         if DROPOUT:
-            keep = dropout_keep(seed, flat, thresh)
+            keep = dropout_keep(seed, out_rows, pid_n * BLOCK_N, n, thresh, BLOCK_N)
             g = tl.where(keep, g * scale, 0.0)
             h = tl.where(keep, h * scale, 0.0)
         tl.store(C + flat, g.to(out_ty), mask=mask)
@@ -194,5 +194,5 @@ def act_grad_kernel(
         _, dact = _act_and_grad(pre, ACT, True)
         g = g * dact
     if DROPOUT:
-        g = tl.where(dropout_keep(seed, flat, thresh), g * scale, 0.0)
+        g = tl.where(dropout_keep(seed, rows, tl.program_id(1) * BLOCK_N, n, thresh, BLOCK_N), g * scale, 0.0)
     tl.store(OUT + flat, g.to(OUT.dtype.element_ty), mask=mask)

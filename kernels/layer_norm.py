@@ -14,7 +14,8 @@ Backward, with xhat = (s - mean) * rstd and g = w * dy::
 
 The backward grid is persistent (about one program per SM); each program accumulates dw/db in fp32
 registers over its rows and writes one partial row, which the launcher reduces with a single sum.
-Dropout masks are regenerated from (seed, row * N + col) rather than stored.
+Dropout masks are regenerated from (seed, row, col) rather than stored: element (row, col) of the (M, N)
+dropout matrix of fastformer/ops/dropout.py, one Philox call per 4 columns (BLOCK_N is a multiple of 4).
 
 Limits: a row must fit in one block (N <= 65536); row offsets are int64, so M * N may exceed 2**31.
 """
@@ -56,8 +57,7 @@ def layer_norm_fwd_kernel(
     mask = row_ok[:, None] & (cols < n)[None, :]
     s = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, rows[:, None] * n + cols[None, :], thresh)
-        s = tl.where(keep, s * keep_scale, 0.0)
+        s = tl.where(dropout_keep(seed, rows, 0, n, thresh, BLOCK_N), s * keep_scale, 0.0)
     if HAS_RESIDUAL:
         s += tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if STORE_S:
@@ -132,7 +132,7 @@ def layer_norm_bwd_kernel(
         if HAS_DRES:
             tl.store(DRES + offs, ds.to(DRES.dtype.element_ty), mask=mask)
         if HAS_DROPOUT:
-            ds = tl.where(dropout_keep(seed, offs, thresh), ds * keep_scale, 0.0)
+            ds = tl.where(dropout_keep(seed, rows, 0, n, thresh, BLOCK_N), ds * keep_scale, 0.0)
         tl.store(DX + offs, ds.to(DX.dtype.element_ty), mask=mask)
         dw += tl.sum(dy * xhat, axis=0)
         db += tl.sum(dy, axis=0)

@@ -18,7 +18,7 @@ import fastformer
 from fastformer.ops import dropout as _dropout
 from fastformer.ops.attention import attention_reference
 from fastformer.ops.attention.op import AttentionArgs
-from fastformer.ops.attention.torch_impl import varlen_dropout_offsets
+from fastformer.ops.attention.torch_impl import varlen_dropout_rows
 from fastformer.testing import assert_close_2x
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -227,8 +227,8 @@ def test_dropout_mask_matches_torch_backend_and_philox():
     assert torch.equal(keep_t, keep_ref)
     torch.manual_seed(123)
     seed = int(_dropout.new_seed(p))
-    offs = torch.arange(keep_t.numel(), dtype=torch.int64).view(keep_t.shape)
-    assert torch.equal(keep_t.bool().cpu(), _dropout.keep_mask(seed, offs, p))
+    rows = torch.arange(keep_t[..., 0].numel(), dtype=torch.int64).view(keep_t.shape[:-1])
+    assert torch.equal(keep_t.bool().cpu(), _dropout.keep_mask(seed, rows, keep_t.shape[-1], p))
     # binomial test on the kept fraction: 4 sigma
     n = keep_t.numel()
     kept = keep_t.sum().item()
@@ -284,8 +284,8 @@ def test_dropout_varlen_matches_torch_backend():
         torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
     torch.manual_seed(5)
     seed = int(_dropout.new_seed(0.4))
-    offs = varlen_dropout_offsets(4, q.shape[0], 7, 30, 30, 30, DEVICE)
-    assert offs[0, 1, 0, 0] == (1 * q.shape[0] + 7) * 30 and _dropout.keep_mask(seed, offs, 0.4).shape == (1, 4, 30, 30)
+    rows = varlen_dropout_rows(4, q.shape[0], 7, 30, DEVICE)
+    assert rows[0, 1, 0] == 1 * q.shape[0] + 7 and _dropout.keep_mask(seed, rows, 30, 0.4).shape == (1, 4, 30, 30)
 
 
 # --- split-KV decode

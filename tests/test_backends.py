@@ -119,13 +119,33 @@ def test_concurrent_builds_share_one_result_and_stale_locks_do_not_hang(tmp_path
 
 
 def test_philox_reference_known_answers():
-    from fastformer.ops.dropout import philox_uint32
+    from fastformer.ops.dropout import philox4x32, philox4x32_10, philox_uint32
 
     # Random123's Philox4x32-10 known-answer vector: zero counter and key give 0x6627e8d5 as the first word
     assert int(philox_uint32(0, torch.tensor([0]))[0]) == 0x6627E8D5
+    # ... and all four words, which dropout uses (one call decides 4 elements)
+    assert philox4x32(0, torch.tensor([0]))[0].tolist() == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    # Random123's other two philox4x32 10 vectors (counter words, key words -> output words)
+    ones = philox4x32_10(*[0xFFFFFFFF] * 6)
+    assert [int(w) for w in ones] == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+    pi = philox4x32_10(0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344, 0xA4093822, 0x299F31D0)
+    assert [int(w) for w in pi] == [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
     # counters above 2**32 and keys above 2**32 use both words; the result is always a uint32
     out = philox_uint32(2**62 + 12345, torch.tensor([0, 1, 2**32, 2**40 + 7]))
     assert out.min() >= 0 and out.max() < 2**32 and out.unique().numel() == 4
+
+
+def test_dropout_element_uses_word_col_mod_4_of_its_group():
+    from fastformer.ops.dropout import keep_mask, philox4x32, threshold24
+
+    # element (row, col) of a row length n is word col % 4 of the counter row * ceil(n / 4) + col // 4
+    seed, n, p = 2**40 + 3, 10, 0.5
+    rows = torch.tensor([0, 1, 2**31 + 5])
+    row, col = rows[:, None], torch.arange(n)[None, :]
+    words = philox4x32(seed, row * 3 + col // 4)  # ceil(10 / 4) = 3 groups per row
+    expect = words.gather(-1, (col % 4).expand(3, n)[..., None])[..., 0] >> 8 >= threshold24(p)
+    assert torch.equal(keep_mask(seed, rows, n, p), expect)
+    assert torch.equal(keep_mask(seed, rows, n, p, 7), expect[:, :7])
 
 
 def test_import_registers_ops_without_importing_triton():

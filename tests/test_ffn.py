@@ -210,7 +210,7 @@ def test_linear_dropout_backends_draw_identical_masks():
         _, y = _identity_ffn(p, backend, second_layer=False)
         assert torch.equal(y == 0, ref == 0), f"{backend} and torch draw different masks for one seed"
         torch.testing.assert_close(y, ref)
-    # the linear's mask is the feed-forward hidden layer's: same offsets row * N + col, same seed
+    # the linear's mask is the feed-forward hidden layer's: same (row, col) dropout matrix, same seed
     _, ffn_out = _identity_ffn(p, "torch")
     assert torch.equal(ffn_out == 0, ref == 0)
     torch.testing.assert_close(ref[ref != 0], x[ref != 0] / (1 - p))

@@ -138,7 +138,7 @@ def _dropout_add_ref(x, r, w, b, p, seed, eps, dtype):
     m, n = x.shape
     s = x.to(dtype)
     if p > 0:
-        s = torch.where(keep_mask(seed, torch.arange(m * n, device=x.device).view(m, n), p), s * (1.0 / (1.0 - p)), 0)
+        s = torch.where(keep_mask(seed, torch.arange(m, device=x.device), n, p), s * (1.0 / (1.0 - p)), 0)
     if r is not None:
         s = s + r.to(dtype)
     return F.layer_norm(s, (n,), w.to(dtype) if w is not None else None, b.to(dtype) if b is not None else None, eps), s

@@ -1,10 +1,15 @@
 """Counter-based dropout shared by every op and backend: the Philox scheme, seeds and kernel arguments.
 
-An element with flat index ``i`` is kept when ``philox(seed, i) >> 8 >= threshold24(p)``, where
-``philox`` is Philox4x32-10 with counter (lo32(i), hi32(i), 0, 0) and key (lo32(seed), hi32(seed)),
-taking the first output word: exactly what ``tl.randint`` computes. The same scheme lives in
-kernels/dropout.py (Triton) and csrc/dropout.cuh (CUDA C++), so every backend draws the same mask;
-backward regenerates it instead of storing it, and backends can be compared element for element.
+Dropout decisions form a logical (rows, n) matrix: LayerNorm's rows of N, the feed-forward layer's (tokens,
+out features), attention's (flat lse row, key) with n = drop_stride. One Philox4x32-10 call gives 128 random bits,
+so it decides four consecutive columns: element (row, col) uses word ``col % 4`` of
+
+    philox(counter = row * ceil(n / 4) + col // 4, key = seed)
+
+with counter (lo32, hi32, 0, 0) and key (lo32(seed), hi32(seed)), the four output words in Random123's order
+(``tl.randint4x``'s), and is kept when ``word >> 8 >= threshold24(p)``. The same scheme lives in
+kernels/dropout.py (Triton) and csrc/dropout.cuh (CUDA C++), so every backend draws the same mask; backward
+regenerates it instead of storing it, and backends can be compared element for element. Counters are int64.
 """
 
 from __future__ import annotations
@@ -51,13 +56,11 @@ def kernel_args(p: float, seed: torch.Tensor | int | None) -> tuple[int, int, fl
     return seed_int(seed), threshold24(p), 1.0 / (1.0 - p)
 
 
-def philox_uint32(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """First output word of Philox4x32-10 for each int64 offset, as int64 values in [0, 2**32)."""
-    offsets = offsets.to(torch.int64)
-    c0, c1 = offsets & _M32, (offsets >> 32) & _M32
-    c2 = torch.zeros_like(c0)
-    c3 = torch.zeros_like(c0)
-    k0, k1 = seed & _M32, (seed >> 32) & _M32
+def philox4x32_10(c0, c1, c2, c3, k0, k1) -> tuple[torch.Tensor, ...]:
+    """Philox4x32-10 of counter words (c0, c1, c2, c3) and key words (k0, k1): int64 tensors (or ints) holding
+    uint32 values; returns the four output words as int64 tensors with values in [0, 2**32)."""
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) & _M32 for c in (c0, c1, c2, c3))
+    k0, k1 = k0 & _M32, k1 & _M32
     for _ in range(10):
         # int64 products wrap modulo 2**64 (two's complement), so one multiply yields both 32-bit halves
         # of the full 32x32-bit product: bits 32..63 after the shift and mask, bits 0..31 after the mask
@@ -65,17 +68,36 @@ def philox_uint32(seed: int, offsets: torch.Tensor) -> torch.Tensor:
         c0, c2 = ((prod_b >> 32) & _M32) ^ c1 ^ k0, ((prod_a >> 32) & _M32) ^ c3 ^ k1
         c1, c3 = prod_b & _M32, prod_a & _M32
         k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
-    return c0
+    return c0, c1, c2, c3
 
 
-def keep_mask(seed: int, offsets: torch.Tensor, p: float) -> torch.Tensor:
-    """Boolean keep mask for elements at flat ``offsets`` (same shape as ``offsets``)."""
-    return (philox_uint32(seed, offsets) >> 8) >= threshold24(p)
+def philox4x32(seed: int, counters: torch.Tensor) -> torch.Tensor:
+    """All four output words for each int64 counter (lo32, hi32, 0, 0) and key ``seed``: shape (*counters.shape, 4),
+    int64 values in [0, 2**32); what ``tl.randint4x(seed, counters)`` computes."""
+    counters = counters.to(torch.int64)
+    zero = torch.zeros_like(counters)
+    return torch.stack(philox4x32_10(counters, counters >> 32, zero, zero, seed, seed >> 32), dim=-1)
+
+
+def philox_uint32(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """First output word of Philox4x32-10 for each int64 counter, as int64 values in [0, 2**32)."""
+    return philox4x32(seed, offsets)[..., 0]
+
+
+def keep_mask(seed: int, rows: torch.Tensor, n: int, p: float, cols: int | None = None) -> torch.Tensor:
+    """Boolean keep mask of columns 0 .. cols-1 (default n) of the dropout rows ``rows`` (int64 row ids) in a
+    matrix of row length ``n``: shape (*rows.shape, cols). Each group of four columns costs one Philox call."""
+    cols = n if cols is None else cols
+    groups = (cols + 3) // 4
+    rows = rows.to(torch.int64)
+    counters = rows[..., None] * ((n + 3) // 4) + torch.arange(groups, dtype=torch.int64, device=rows.device)
+    words = philox4x32(seed, counters).reshape(*rows.shape, 4 * groups)[..., :cols]
+    return (words >> 8) >= threshold24(p)
 
 
 def apply(t: torch.Tensor, seed: torch.Tensor | int | None, p: float) -> torch.Tensor:
-    """Dropout of (rows, cols) ``t`` by the mask at the row-major offsets ``row * cols + col``, kept values scaled
-    by 1/(1-p); dropped elements are 0 even where ``t`` is inf or NaN, as in the kernels."""
+    """Dropout of (rows, cols) ``t`` by the mask of dropout rows 0 .. rows-1 with row length ``cols``, kept values
+    scaled by 1/(1-p); dropped elements are 0 even where ``t`` is inf or NaN, as in the kernels."""
     rows, cols = t.shape
-    offsets = torch.arange(rows * cols, dtype=torch.int64, device=t.device).view(rows, cols)
-    return torch.where(keep_mask(seed_int(seed), offsets, p), t * (1.0 / (1.0 - p)), 0.0)
+    keep = keep_mask(seed_int(seed), torch.arange(rows, dtype=torch.int64, device=t.device), cols, p)
+    return torch.where(keep, t * (1.0 / (1.0 - p)), 0.0)

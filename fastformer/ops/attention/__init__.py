@@ -17,9 +17,10 @@ Conventions shared by every backend:
 - A query row that sees no key outputs 0, its logsumexp is stored as +inf so backward gets P = 0.
 - ``lse`` (fp32, natural log) is (B, H, Sq) dense and (H, total_q) varlen. Its flat index is the row id
   ``r``: dense ``r = (b*H + h)*Sq + i``; varlen ``r = h*total_q + cu_seqlens_q[b] + i``.
-- Dropout keeps P[r, j] by the shared Philox stream (fastformer/ops/dropout.py) at element offset
-  ``r * Sk + j`` (dense) or ``r * max_seqlen_k + j`` (varlen), so Triton, CUDA C++ and torch drop the
-  same elements for the same seed. Kept probabilities are scaled by 1/(1-p).
+- Dropout keeps P[r, j] by the shared Philox scheme (fastformer/ops/dropout.py) as element (r, j) of a dropout
+  matrix with row length ``n = Sk`` (dense) or ``max_seqlen_k`` (varlen): word j % 4 of the Philox call at counter
+  ``r * ceil(n / 4) + j // 4``, so Triton, CUDA C++ and torch drop the same elements for the same seed. Kept
+  probabilities are scaled by 1/(1-p).
 - Backward uses no atomics (each dK/dV tile has one owner that loops over its GQA group), so every backend is
   deterministic: reruns are bitwise equal, and there is no separate ``deterministic`` switch.
 - Triton forward with few query rows (<= 16, e.g. decoding with a KV cache) and long keys splits the keys

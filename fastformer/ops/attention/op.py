@@ -85,7 +85,8 @@ class AttentionArgs(_custom.OpArgs):
 
     @property
     def drop_stride(self) -> int:
-        """Keys per dropout row: element (row r, key j) uses Philox offset ``r * drop_stride + j``."""
+        """Row length of the dropout matrix: element (row r, key j) uses word j % 4 of the Philox call at counter
+        ``r * ceil(drop_stride / 4) + j // 4``."""
         return self.sk
 
     @property

@@ -2,7 +2,7 @@
 
 :func:`attention_reference` materialises the (B, H, Sq, Sk) scores and is differentiable; the torch backend's
 forward is that function, and its backward is the explicit FlashAttention-style math from the saved lse. The
-varlen layout runs sequence by sequence with the varlen dropout offsets, so every backend drops the same elements.
+varlen layout runs sequence by sequence with the varlen dropout rows, so every backend drops the same elements.
 """
 
 from __future__ import annotations
@@ -31,17 +31,16 @@ def visible(sq: int, sk: int, causal: bool, mask: Tensor | None, device: torch.d
     return vis
 
 
-def dense_dropout_offsets(b: int, h: int, sq: int, sk: int, device: torch.device) -> Tensor:
-    """(B, H, Sq, Sk) int64 Philox offsets of the dense layout: ((b*H + h)*Sq + i)*Sk + j."""
-    return torch.arange(b * h * sq * sk, device=device, dtype=torch.int64).view(b, h, sq, sk)
+def dense_dropout_rows(b: int, h: int, sq: int, device: torch.device) -> Tensor:
+    """(B, H, Sq) int64 dropout row ids of the dense layout, the flat lse index (b*H + h)*Sq + i."""
+    return torch.arange(b * h * sq, device=device, dtype=torch.int64).view(b, h, sq)
 
 
-def varlen_dropout_offsets(h: int, total_q: int, q0: int, sq: int, sk: int, max_k: int, device: torch.device) -> Tensor:
-    """(1, H, sq, sk) Philox offsets of the varlen layout: (h*total_q + q0 + i)*max_seqlen_k + j."""
-    hh = torch.arange(h, device=device, dtype=torch.int64)[:, None, None]
-    i = torch.arange(sq, device=device, dtype=torch.int64)[None, :, None]
-    j = torch.arange(sk, device=device, dtype=torch.int64)[None, None, :]
-    return ((hh * total_q + q0 + i) * max_k + j)[None]
+def varlen_dropout_rows(h: int, total_q: int, q0: int, sq: int, device: torch.device) -> Tensor:
+    """(1, H, sq) dropout row ids of one varlen sequence starting at packed row q0: h*total_q + q0 + i."""
+    hh = torch.arange(h, device=device, dtype=torch.int64)[:, None]
+    i = torch.arange(sq, device=device, dtype=torch.int64)[None, :]
+    return (hh * total_q + q0 + i)[None]
 
 
 def attention_reference(
@@ -54,7 +53,8 @@ def attention_reference(
     softmax_scale: float | None = None,
     dropout_p: float = 0.0,
     seed: int | None = None,
-    dropout_offsets: Tensor | None = None,
+    dropout_rows: Tensor | None = None,
+    dropout_stride: int | None = None,
     upcast: bool = True,
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -62,8 +62,9 @@ def attention_reference(
 
     q: (B, Sq, H, D); k, v: (B, Sk, Hkv, D). Computes in fp32 (float64 for float64 inputs) unless
     ``upcast=False``, in which case it stays in q's dtype (the "torch in the same dtype" of the 2x rule).
-    Rows with no visible key give 0 and lse = +inf. Dropout uses ``seed`` and ``dropout_offsets``
-    (default: :func:`dense_dropout_offsets`). Returns out (B, Sq, H, D) in q's dtype [, lse (B, H, Sq) fp32].
+    Rows with no visible key give 0 and lse = +inf. Dropout uses ``seed``, the (B, H, Sq) ``dropout_rows``
+    (default: :func:`dense_dropout_rows`) and the dropout row length ``dropout_stride`` (default: Sk).
+    Returns out (B, Sq, H, D) in q's dtype [, lse (B, H, Sq) fp32].
     """
     b, sq, h, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
@@ -85,8 +86,8 @@ def attention_reference(
     if dropout_p > 0.0:
         if seed is None:
             raise ValueError("attention_reference: dropout_p > 0 needs a seed")
-        offs = dense_dropout_offsets(b, h, sq, sk, q.device) if dropout_offsets is None else dropout_offsets
-        keep = dropout.keep_mask(int(seed), offs, dropout_p)
+        rows = dense_dropout_rows(b, h, sq, q.device) if dropout_rows is None else dropout_rows
+        keep = dropout.keep_mask(int(seed), rows, sk if dropout_stride is None else dropout_stride, dropout_p, sk)
         prob = prob * keep.to(work) * (1.0 / (1.0 - dropout_p))
     out = (prob @ vf).transpose(1, 2).to(q.dtype)
     if not return_lse:
@@ -96,32 +97,31 @@ def attention_reference(
 
 
 def _sequences(a: AttentionArgs) -> Iterator[tuple[slice, slice, Tensor | None]]:
-    """(query rows, key rows, dropout offsets or None) of each packed sequence of a varlen call."""
+    """(query rows, key rows, dropout rows or None) of each packed sequence of a varlen call."""
     cu_q, cu_k = a.cu_seqlens_q, a.cu_seqlens_k
     spans = zip(*(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()), strict=True)
     for q0, q1, k0, k1 in spans:
-        offs = None
-        if a.dropout_p > 0:
-            offs = varlen_dropout_offsets(a.h, a.total_q, q0, q1 - q0, k1 - k0, a.sk, a.q.device)
-        yield slice(q0, q1), slice(k0, k1), offs
+        rows = varlen_dropout_rows(a.h, a.total_q, q0, q1 - q0, a.q.device) if a.dropout_p > 0 else None
+        yield slice(q0, q1), slice(k0, k1), rows
 
 
 def fwd(a: AttentionArgs) -> tuple[Tensor, Tensor]:
     seed = int(a.seed) if a.seed is not None else None
-    kw = dict(causal=a.causal, softmax_scale=a.scale, dropout_p=a.dropout_p, seed=seed, return_lse=True)
+    kw = dict(causal=a.causal, softmax_scale=a.scale, return_lse=True)
+    kw.update(dropout_p=a.dropout_p, seed=seed, dropout_stride=a.drop_stride)
     if not a.varlen:
         out, lse = attention_reference(a.q, a.k, a.v, key_padding_mask=a.key_padding_mask, **kw)
         return out.contiguous(), lse.contiguous()
     out = torch.zeros_like(a.q)
     lse = torch.full(a.lse_shape, float("inf"), dtype=torch.float32, device=a.q.device)
-    for qs, ks, offs in _sequences(a):
-        o, lse_b = attention_reference(a.q[None, qs], a.k[None, ks], a.v[None, ks], dropout_offsets=offs, **kw)
+    for qs, ks, rows in _sequences(a):
+        o, lse_b = attention_reference(a.q[None, qs], a.k[None, ks], a.v[None, ks], dropout_rows=rows, **kw)
         out[qs] = o[0]
         lse[:, qs] = lse_b[0]
     return out, lse
 
 
-def _bwd_dense(a: AttentionArgs, do: Tensor, out: Tensor, lse: Tensor, offs: Tensor | None) -> tuple:
+def _bwd_dense(a: AttentionArgs, do: Tensor, out: Tensor, lse: Tensor, rows: Tensor | None, stride: int) -> tuple:
     """Explicit FlashAttention-style backward math in fp32 from the saved lse; dense (B, S, H, D) layout."""
     q, k, v, p = a.q, a.k, a.v, a.dropout_p
     b, sq, h, d = q.shape
@@ -138,7 +138,7 @@ def _bwd_dense(a: AttentionArgs, do: Tensor, out: Tensor, lse: Tensor, offs: Ten
     prob = torch.exp(s - lse[..., None])  # rows with lse = +inf give 0
     dp = dof @ vf.transpose(-1, -2)
     if p > 0.0:
-        keep = dropout.keep_mask(dropout.seed_int(a.seed), offs, p).to(f) * (1.0 / (1.0 - p))
+        keep = dropout.keep_mask(dropout.seed_int(a.seed), rows, stride, p, sk).to(f) * (1.0 / (1.0 - p))
         dv = (prob * keep).transpose(-1, -2) @ dof
         dp = dp * keep
     else:
@@ -158,12 +158,12 @@ def _bwd_dense(a: AttentionArgs, do: Tensor, out: Tensor, lse: Tensor, offs: Ten
 
 def bwd(a: AttentionArgs, dout: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if not a.varlen:
-        offs = dense_dropout_offsets(a.batch, a.h, a.q.shape[1], a.k.shape[1], a.q.device) if a.dropout_p > 0 else None
-        return _bwd_dense(a, dout, out, lse, offs)
+        rows = dense_dropout_rows(a.batch, a.h, a.q.shape[1], a.q.device) if a.dropout_p > 0 else None
+        return _bwd_dense(a, dout, out, lse, rows, a.drop_stride)
     dq, dk, dv = torch.zeros_like(a.q), torch.zeros_like(a.k), torch.zeros_like(a.v)
-    for qs, ks, offs in _sequences(a):
+    for qs, ks, rows in _sequences(a):
         seq = dict(q=a.q[None, qs], k=a.k[None, ks], v=a.v[None, ks])
         one = dataclasses.replace(a, **seq, key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None)
-        dq_b, dk_b, dv_b = _bwd_dense(one, dout[None, qs], out[None, qs], lse[None, :, qs], offs)
+        dq_b, dk_b, dv_b = _bwd_dense(one, dout[None, qs], out[None, qs], lse[None, :, qs], rows, a.drop_stride)
         dq[qs], dk[ks], dv[ks] = dq_b[0], dk_b[0], dv_b[0]
     return dq, dk, dv

@@ -23,8 +23,9 @@ What backward keeps: ``x`` and the first layer's pre-activation (only when backw
 activation, or with a second layer, which needs ``h``), never ``h`` or a mask. With ``recompute=True`` the
 pre-activation is not saved but recomputed in backward by one extra GEMM (less memory, more FLOPs).
 
-Dropout uses the shared counter-based Philox scheme (fastformer/ops/dropout.py) at the flat element offset
-``row * d_ff + col`` of the activation, so every backend draws the same mask for a seed.
+Dropout uses the shared counter-based Philox scheme (fastformer/ops/dropout.py) on the (tokens, d_ff) matrix of
+the activation: element (row, col) is word col % 4 of the Philox call at counter row * ceil(d_ff / 4) + col // 4,
+so every backend draws the same mask for a seed.
 """
 
 from fastformer.ops.ffn.api import check_activation, feed_forward, linear

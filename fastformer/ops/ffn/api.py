@@ -106,7 +106,7 @@ def linear(
         bias: (out_features,) or None.
         activation: None, "gelu" (erf), "gelu_tanh" (GPT-2 gelu_new) or "relu".
         dropout_p: dropout after the activation, in [0, 1) (pass 0 in eval mode); element (row, col) of the
-            (rows, out_features) output uses the shared Philox mask at ``row * out_features + col``.
+            (rows, out_features) output uses the shared Philox mask of that matrix (fastformer/ops/dropout.py).
         recompute: do not keep the pre-activation for backward; recompute it there with one GEMM.
         backend: "triton", "cuda", "torch" or "auto" (default: see :mod:`fastformer.backends`).
 

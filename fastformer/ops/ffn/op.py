@@ -30,7 +30,7 @@ class Epilogue(NamedTuple):
 
     act: str = "none"  # a key of ACT_CODE
     dropout_p: float = 0.0
-    seed: Tensor | None = None  # Philox seed when dropout_p > 0; offsets row * N + col of the (M, N) output
+    seed: Tensor | None = None  # Philox seed when dropout_p > 0; the mask of the (M, N) output's (row, col)
 
 
 PLAIN = Epilogue()  # a plain GEMM (bias only)
@@ -48,7 +48,7 @@ class FFNArgs(_custom.OpArgs):
     b2: Tensor | None
     activation: str  # after the first layer: "none", "gelu", "gelu_tanh" or "relu"
     in_out: bool  # weights stored (in, out) as GPT-2 Conv1D, else (out, in) as nn.Linear
-    dropout_p: float  # dropout after the activation, Philox offsets row * d_ff + col
+    dropout_p: float  # dropout after the activation: the Philox mask of the (tokens, d_ff) matrix
     seed: Tensor | None  # Philox seed (CPU int64 scalar) when dropout_p > 0
     backend: str
 

@@ -48,7 +48,7 @@ def act_grad(pre: Tensor, activation: str | None) -> Tensor:
 
 
 def _act_dropout(pre: Tensor, activation: str | None, p: float, seed: Tensor | int | None) -> Tensor:
-    """dropout(act(pre)) on (rows, cols), the mask at offsets row * cols + col."""
+    """dropout(act(pre)) on (rows, cols), the mask of dropout rows 0 .. rows-1 with row length cols."""
     y = act_fn(pre, activation)
     return dropout.apply(y, seed, p) if p > 0 else y
 

@@ -18,7 +18,8 @@ from fastformer.ops.ffn.op import ACT_CODE, PLAIN, Epilogue
 # one launch configuration when not autotuning: the interpreter's (few, cheap numpy steps), or one that fits
 # every dtype's shared memory on sm80 and sm90 (FASTFORMER_AUTOTUNE=0)
 _INTERP_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4}
-_FIXED_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
+_FIXED_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
+_FIXED_HEAVY = dict(_FIXED_CONFIG, BLOCK_N=64)  # the activation-gradient epilogue with dropout spills 64x128
 # bf16/fp16 tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) that fit sm80 (164 KiB) and sm90 (228 KiB)
 # shared memory; configs that do not fit (fp32 inputs) fail to compile and the autotuner skips them
 _TUNE_TILES = ((128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3))
@@ -37,18 +38,27 @@ def _configs() -> list:
 
 
 def _prune(configs: list, _named_args: dict, **kwargs) -> list:
-    """The 128x256 tile holds 128 fp32 accumulators per thread: any epilogue beyond the bias spills it
-    (`fastformer inspect`, sm_90), so it is tried for plain GEMMs only (the second layer, weight gradients)."""
+    """Tiles whose epilogue would spill, as `fastformer inspect` reads them on sm_90: the 128x256 tile (128 fp32
+    accumulators per thread) with anything beyond the bias, so it serves plain GEMMs only (the second layer, weight
+    gradients); 128-row tiles in the activation-gradient epilogue with dropout (it also rebuilds h)."""
     plain = kwargs["ACT"] == 0 and not kwargs["DROPOUT"] and kwargs["EPILOGUE"] == 0 and not kwargs["STORE_AUX"]
-    return [c for c in configs if plain or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 256]
+    heavy = kwargs["EPILOGUE"] == 1 and kwargs["DROPOUT"]
+
+    def ok(c) -> bool:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        return (plain or bm * bn < 128 * 256) and not (heavy and bm >= 128)
+
+    return [c for c in configs if ok(c)]
 
 
-def _kernel() -> tuple[object, dict]:
+def _kernel(heavy: bool) -> tuple[object, dict]:
     """(the GEMM kernel, launch settings): autotuned on power-of-two buckets of m, n, k and the epilogue, or one
-    fixed config."""
+    fixed config (a smaller one for the ``heavy`` activation-gradient epilogue with dropout)."""
     if utils.autotune_enabled():
         return utils.autotuned("ffn.linear", linear_kernel, _configs, _KEY, _prune), {}
-    return linear_kernel, dict(_INTERP_CONFIG if utils.interpreting() else _FIXED_CONFIG)
+    if utils.interpreting():
+        return linear_kernel, dict(_INTERP_CONFIG)
+    return linear_kernel, dict(_FIXED_HEAVY if heavy else _FIXED_CONFIG)
 
 
 def _bucket(n: int) -> int:
@@ -64,7 +74,7 @@ def _launch(a: Tensor, b: Tensor, out: tuple, bias: Tensor | None, epi: Epilogue
     (m, k), n = a.shape, b.shape[1]
     if m == 0 or n == 0:
         return
-    kernel, meta = _kernel()
+    kernel, meta = _kernel(epilogue == 1 and epi.dropout_p > 0)
 
     def grid(cfg):
         return (utils.cdiv(m, cfg["BLOCK_M"]) * utils.cdiv(n, cfg["BLOCK_N"]),)
