@@ -217,6 +217,77 @@ def _edge_ok(
 
 
 @triton.jit
+def _fwd_key_tiles(
+    acc,  # (BLOCK_M, BLOCK_D) fp32 running output, rescaled to the running max
+    l_i,  # (BLOCK_M,) running softmax normaliser
+    m_i,  # (BLOCK_M,) running row max of the scores times qk_scale (base 2); -inf before any visible key
+    q,  # (BLOCK_M, BLOCK_D) query tile
+    k_base,  # K at the (batch, kv head, sequence start)
+    v_base,  # V at the (batch, kv head, sequence start)
+    stride_ks,  # K token stride
+    stride_vs,  # V token stride
+    Mask,  # (B, Sk) key padding mask (HAS_MASK)
+    stride_mb,  # Mask batch stride
+    stride_mk,  # Mask key stride
+    b64,  # int64 batch
+    offs_m,  # (BLOCK_M,) query indices in the sequence
+    offs_d,  # head-dim lanes
+    d_ok,  # lanes inside the head dim
+    seq_k,  # keys in this sequence
+    causal_off,  # seqlen_k - seqlen_q
+    qk_scale,  # softmax scale * log2(e), > 0
+    seed,  # Philox key (HAS_DROPOUT)
+    thresh,  # dropout threshold on 24 random bits
+    keep_scale,  # 1 / (1 - p)
+    drop_stride,  # keys per dropout row
+    lse_rows,  # (BLOCK_M,) flat lse index of each row: the dropout row id
+    lo,  # first key of the first tile, a multiple of BLOCK_N
+    hi,  # keys from hi on are not visited
+    EDGE: tl.constexpr,  # tiles may cross the sequence end or the causal diagonal: apply the element masks
+    IS_CAUSAL: tl.constexpr,  # bottom-right causal mask
+    HAS_MASK: tl.constexpr,  # apply Mask
+    HAS_DROPOUT: tl.constexpr,  # drop P after its normaliser is accumulated
+    BLOCK_N: tl.constexpr,  # keys per streamed tile
+    DOT_PREC: tl.constexpr,  # tl.dot input_precision (fp32 inputs)
+):
+    # the online-softmax steps of attention_fwd_kernel over the key tiles in [lo, hi)
+    offs_n = tl.arange(0, BLOCK_N)
+    # causal: each row's last visible key inside the sequence, so that one compare per element masks both
+    last = tl.minimum(offs_m + causal_off, seq_k - 1)
+    # the edge tiles are one or two: software-pipelining them would only cost registers
+    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if EDGE else None):
+        cols = start_n + offs_n
+        cols64 = cols.to(tl.int64)
+        if EDGE:
+            n_ok = cols < seq_k
+        else:
+            n_ok = tl.full([BLOCK_N], 1, tl.int1)
+        kt = _load_rows(k_base, cols64, stride_ks, offs_d, n_ok, d_ok, True)
+        # raw scores; the scale goes into the exp2 argument below (one multiply-add per element)
+        s = tl.dot(q, kt, input_precision=DOT_PREC)
+        if HAS_MASK:
+            s = tl.where(_key_on(Mask, b64, cols64, stride_mb, stride_mk, n_ok)[None, :], s, float("-inf"))
+        if EDGE:
+            if IS_CAUSAL:
+                s = tl.where(offs_n[None, :] <= (last - start_n)[:, None], s, float("-inf"))
+            else:
+                s = tl.where(n_ok[None, :], s, float("-inf"))
+        # qk_scale > 0, so the max of the scaled scores is the scaled max
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        # a row that has seen no visible key yet keeps m = -inf; subtract 0 instead to avoid inf - inf
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s * qk_scale - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            p = tl.where(dropout_keep(seed, lse_rows, start_n, drop_stride, thresh, BLOCK_N), p * keep_scale, 0.0)
+        v = _load_rows(v_base, cols64, stride_vs, offs_d, n_ok, d_ok, False)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def attention_fwd_kernel(
     Q,  # (B, Sq, H, D) queries, or packed (Tq, H, D) when IS_VARLEN; one BLOCK_M tile per program
     stride_qb,  # Q batch stride (0 when IS_VARLEN)
@@ -275,7 +346,6 @@ def attention_fwd_kernel(
         return
     offs_m, m_ok, rows64 = _tile(start_m * BLOCK_M, q_start, seq_q, BLOCK_M)
     b64, h64, hk64, offs_d, d_ok = _head_ids(b, h, group, head_dim, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
     q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh, rows64, stride_qs, offs_d, m_ok, d_ok, False)
     k_base = K + b64 * stride_kb + hk64 * stride_kh + k_start * stride_ks
     v_base = V + b64 * stride_vb + hk64 * stride_vh + k_start * stride_vs
@@ -298,29 +368,19 @@ def attention_fwd_kernel(
         Out += split.to(tl.int64) * stride_osplit
         Lse += split.to(tl.int64) * stride_lsplit
     # key tiles that start below `mid` lie inside the sequence and (causal) below the diagonal for every row of
-    # this query tile, so they need no element masks; only the last tiles pay for them
-    mid = _unmasked_end(seq_k, start_m * BLOCK_M + causal_off, IS_CAUSAL, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        n_ok = cols < seq_k
-        cols64 = cols.to(tl.int64)
-        kt = _load_rows(k_base, cols64, stride_ks, offs_d, n_ok, d_ok, True)
-        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
-        if HAS_MASK:
-            s = tl.where(_key_on(Mask, b64, cols64, stride_mb, stride_mk, n_ok)[None, :], s, float("-inf"))
-        if start_n + BLOCK_N > mid:
-            s = tl.where(_edge_ok(cols, offs_m, n_ok, causal_off, IS_CAUSAL), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row that has seen no visible key yet keeps m = -inf; subtract 0 instead to avoid inf - inf
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if HAS_DROPOUT:
-            p = tl.where(dropout_keep(seed, lse_rows, start_n, drop_stride, thresh, BLOCK_N), p * keep_scale, 0.0)
-        v = _load_rows(v_base, cols64, stride_vs, offs_d, n_ok, d_ok, False)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+    # this query tile, so they need no element masks; only the tiles in [mid, hi) pay for them. Clamped into
+    # [lo, hi] (one split's keys with IS_SPLIT); lo, mid and a clamped mid < hi are all multiples of BLOCK_N
+    mid = tl.minimum(tl.maximum(_unmasked_end(seq_k, start_m * BLOCK_M + causal_off, IS_CAUSAL, BLOCK_N), lo), hi)
+    # fmt: off
+    acc, l_i, m_i = _fwd_key_tiles(
+        acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, Mask, stride_mb, stride_mk, b64, offs_m, offs_d, d_ok,
+        seq_k, causal_off, qk_scale, seed, thresh, keep_scale, drop_stride, lse_rows, lo, mid,
+        False, IS_CAUSAL, HAS_MASK, HAS_DROPOUT, BLOCK_N, DOT_PREC)
+    acc, l_i, m_i = _fwd_key_tiles(
+        acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, Mask, stride_mb, stride_mk, b64, offs_m, offs_d, d_ok,
+        seq_k, causal_off, qk_scale, seed, thresh, keep_scale, drop_stride, lse_rows, mid, hi,
+        True, IS_CAUSAL, HAS_MASK, HAS_DROPOUT, BLOCK_N, DOT_PREC)
+    # fmt: on
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]

@@ -491,6 +491,21 @@ def test_bad_inputs(match, exc, args, kw, monkeypatch):
         fastformer.attention(*args, backend=FUSED, **kw)
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.3, float("inf"), float("nan")])
+def test_triton_refuses_a_scale_it_cannot_fold_and_torch_serves_it(scale):
+    q, k, v = torch.randn(1, 6, 2, 16), torch.randn(1, 9, 2, 16), torch.randn(1, 9, 2, 16)
+    m = torch.ones(1, 9, dtype=torch.bool)
+    m[0, 7:] = False
+    with pytest.raises(fastformer.BackendError, match="positive finite scale"):
+        fastformer.attention(q, k, v, causal=True, key_padding_mask=m, softmax_scale=scale, backend="triton")
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    with pytest.raises(fastformer.BackendError, match="positive finite scale"):
+        fastformer.attention_varlen(q[0], k[0, :6], v[0, :6], cu, cu, 6, 6, softmax_scale=scale, backend="triton")
+    out = fastformer.attention(q, k, v, causal=True, key_padding_mask=m, softmax_scale=scale, backend="torch")
+    ref = attention_reference(q, k, v, causal=True, key_padding_mask=m, softmax_scale=scale)
+    torch.testing.assert_close(out, ref, equal_nan=True)
+
+
 def test_bad_varlen_inputs():
     q, k, v, cu_q, cu_k = _varlen_case([3, 4], [3, 4], 2, 2, 16, torch.float32)
     with pytest.raises(TypeError, match="cu_seqlens_q must be int32"):

@@ -39,6 +39,13 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank: int) -> 
     _check_head_dim(q.shape[-1])
 
 
+def _why_not(backend: str, scale: float) -> str | None:
+    """Why ``backend`` cannot serve this call, or None (the torch and cuda backends take any scale)."""
+    if backend == "triton" and not 0.0 < scale < math.inf:
+        return f"the Triton kernels fold the softmax scale into exp2 and need a positive finite scale, got {scale}"
+    return None
+
+
 def _check_scale(softmax_scale: float | None, d: int) -> float:
     if softmax_scale is None:
         return 1.0 / math.sqrt(d)
@@ -96,7 +103,7 @@ def attention(
     mask = _check_mask(key_padding_mask, q, k)
     scale = _check_scale(softmax_scale, q.shape[-1])
     p = dropout.check_p(dropout_p)
-    name = backends.select("attention", q.device, backend)
+    name = backends.select("attention", q.device, backend, lambda b: _why_not(b, scale))
     a = AttentionArgs(
         q, k, v, mask, None, None, dropout.new_seed(p), q.shape[1], k.shape[1], bool(causal), scale, p, name
     )
@@ -181,7 +188,7 @@ def attention_varlen(
     _check_cu_values(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, "max_seqlen_k")
     scale = _check_scale(softmax_scale, q.shape[-1])
     p = dropout.check_p(dropout_p)
-    name = backends.select("attention_varlen", q.device, backend)
+    name = backends.select("attention_varlen", q.device, backend, lambda b: _why_not(b, scale))
     cu = (cu_seqlens_q, cu_seqlens_k)
     a = AttentionArgs(q, k, v, None, *cu, dropout.new_seed(p), max_seqlen_q, max_seqlen_k, bool(causal), scale, p, name)
     return attention_fwd(*a.values())[0]
