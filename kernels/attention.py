@@ -22,7 +22,9 @@ exp(s - lse) is 0 there and its gradient is 0, never NaN.
 
 Split-KV decoding (IS_SPLIT): for few query rows and long keys, the keys are cut into splits of ``split_len``
 so that many programs share one row; each writes a normalised fp32 partial output and its lse, and
-``attention_fwd_combine_kernel`` merges them with weights exp(lse_split - lse).
+``attention_fwd_combine_kernel`` merges them with weights exp(lse_split - lse). A split program owns one kv head:
+its BLOCK_M rows enumerate the pairs (query head of the group, query position), so each K/V split is read once
+per kv head and decoding fills group rows of the tile instead of one.
 
 Dropout (HAS_DROPOUT) drops P after the normaliser is accumulated; element (row r, key j) is element (r, j) of
 the dropout matrix with row length ``drop_stride`` (kernels/dropout.py: word j % 4 of the Philox call at counter
@@ -119,6 +121,25 @@ def _head_ids(
     # exit, as the compiler then keeps 32-bit index products
     offs_d = tl.arange(0, BLOCK_D)
     return b.to(tl.int64), h.to(tl.int64), (h // group).to(tl.int64), offs_d, offs_d < head_dim
+
+
+@triton.jit
+def _split_rows(
+    start_r,  # first row of the tile
+    head0,  # int64 first query head of the kv head's group
+    group,  # query heads per kv head
+    seq_q,  # query positions per head
+    BLOCK_M: tl.constexpr,  # rows per tile
+):
+    # split-KV forward: row r of a kv head's tiles is (query head head0 + r // seq_q, position r % seq_q). Returns
+    # the rows' positions, which rows exist, their int64 heads, and bounds on the tile's first and last positions
+    # (a tile that wraps into the next head's rows spans them all)
+    r = start_r + tl.arange(0, BLOCK_M)
+    p0 = start_r % seq_q
+    wraps = p0 + BLOCK_M > seq_q
+    first = tl.where(wraps, 0, p0)
+    last = tl.where(wraps, seq_q - 1, p0 + BLOCK_M - 1)
+    return r % seq_q, r < group * seq_q, head0 + (r // seq_q).to(tl.int64), first, last
 
 
 @triton.jit
@@ -313,7 +334,7 @@ def attention_fwd_kernel(
     stride_mk,  # Mask key stride
     CuQ,  # (B + 1) query sequence starts (IS_VARLEN)
     CuK,  # (B + 1) key sequence starts (IS_VARLEN)
-    n_heads,  # H: programs run over (batch, head, key split, query tile)
+    n_heads,  # H: programs run over (batch, head, query tile); IS_SPLIT: (batch, kv head, key split, row tile)
     group,  # query heads per kv head
     max_seq_q,  # query length (dense) or max query length (varlen)
     max_seq_k,  # key length (dense) or max key length (varlen)
@@ -337,20 +358,30 @@ def attention_fwd_kernel(
     BLOCK_D: tl.constexpr,  # head-dim lanes, a power of two >= D
     DOT_PREC: tl.constexpr,  # tl.dot input_precision (fp32 inputs)
 ):
-    n_split = 1
     if IS_SPLIT:
+        # one program per (batch, kv head, key split, row tile): the rows pack the kv head's query heads
         n_split = tl.cdiv(max_seq_k, split_len)
-    start_m, split, b, h = _program(tl.cdiv(max_seq_q, BLOCK_M), n_split, n_heads, True)
-    q_start, k_start, seq_q, seq_k = _seq_bounds(CuQ, CuK, b, max_seq_q, max_seq_k, IS_VARLEN)
-    if start_m * BLOCK_M >= seq_q:
-        return
-    offs_m, m_ok, rows64 = _tile(start_m * BLOCK_M, q_start, seq_q, BLOCK_M)
-    b64, h64, hk64, offs_d, d_ok = _head_ids(b, h, group, head_dim, BLOCK_D)
-    q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh, rows64, stride_qs, offs_d, m_ok, d_ok, False)
+        start_m, split, b, hk = _program(tl.cdiv(group * max_seq_q, BLOCK_M), n_split, n_heads // group, True)
+        q_start, k_start, seq_q, seq_k = _seq_bounds(CuQ, CuK, b, max_seq_q, max_seq_k, IS_VARLEN)
+        b64, hk64, _hk, offs_d, d_ok = _head_ids(b, hk, 1, head_dim, BLOCK_D)
+        offs_m, m_ok, head64, q_first, q_last = _split_rows(start_m * BLOCK_M, hk64 * group, group, seq_q, BLOCK_M)
+        rows64 = q_start + offs_m.to(tl.int64)
+        # each row's (head, token) offset, loaded with row stride 1
+        q = _load_rows(Q + b64 * stride_qb, head64 * stride_qh + rows64 * stride_qs, 1, offs_d, m_ok, d_ok, False)
+        lse_rows = b64 * stride_lb + head64 * stride_lh + rows64
+    else:
+        start_m, split, b, h = _program(tl.cdiv(max_seq_q, BLOCK_M), 1, n_heads, True)
+        q_start, k_start, seq_q, seq_k = _seq_bounds(CuQ, CuK, b, max_seq_q, max_seq_k, IS_VARLEN)
+        if start_m * BLOCK_M >= seq_q:
+            return
+        offs_m, m_ok, rows64 = _tile(start_m * BLOCK_M, q_start, seq_q, BLOCK_M)
+        b64, h64, hk64, offs_d, d_ok = _head_ids(b, h, group, head_dim, BLOCK_D)
+        q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh, rows64, stride_qs, offs_d, m_ok, d_ok, False)
+        # flat lse index of each row; also the dropout row id
+        lse_rows = b64 * stride_lb + h64 * stride_lh + rows64
+        q_first = start_m * BLOCK_M
     k_base = K + b64 * stride_kb + hk64 * stride_kh + k_start * stride_ks
     v_base = V + b64 * stride_vb + hk64 * stride_vh + k_start * stride_vs
-    # flat lse index of each row; also the dropout row id
-    lse_rows = b64 * stride_lb + h64 * stride_lh + rows64
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -361,7 +392,10 @@ def attention_fwd_kernel(
     hi = seq_k
     if IS_CAUSAL:
         # key tiles past the last visible key of this query tile are not visited at all
-        hi = tl.minimum(seq_k, (start_m + 1) * BLOCK_M + causal_off)
+        if IS_SPLIT:
+            hi = tl.minimum(seq_k, q_last + 1 + causal_off)
+        else:
+            hi = tl.minimum(seq_k, (start_m + 1) * BLOCK_M + causal_off)
     if IS_SPLIT:
         lo = split * split_len
         hi = tl.minimum(hi, lo + split_len)
@@ -370,7 +404,7 @@ def attention_fwd_kernel(
     # key tiles that start below `mid` lie inside the sequence and (causal) below the diagonal for every row of
     # this query tile, so they need no element masks; only the tiles in [mid, hi) pay for them. Clamped into
     # [lo, hi] (one split's keys with IS_SPLIT); lo, mid and a clamped mid < hi are all multiples of BLOCK_N
-    mid = tl.minimum(tl.maximum(_unmasked_end(seq_k, start_m * BLOCK_M + causal_off, IS_CAUSAL, BLOCK_N), lo), hi)
+    mid = tl.minimum(tl.maximum(_unmasked_end(seq_k, q_first + causal_off, IS_CAUSAL, BLOCK_N), lo), hi)
     # fmt: off
     acc, l_i, m_i = _fwd_key_tiles(
         acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, Mask, stride_mb, stride_mk, b64, offs_m, offs_d, d_ok,
@@ -387,7 +421,10 @@ def attention_fwd_kernel(
     # a row with no key: +inf makes backward's P zero; a split with no key must weigh 0 in the combine: -inf
     lse_empty = float("-inf") if IS_SPLIT else float("inf")
     lse = tl.where(empty, lse_empty, (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    _store_rows(Out + b64 * stride_ob + h64 * stride_oh, out, rows64, stride_os, offs_d, m_ok, d_ok)
+    if IS_SPLIT:
+        _store_rows(Out + b64 * stride_ob, out, head64 * stride_oh + rows64 * stride_os, 1, offs_d, m_ok, d_ok)
+    else:
+        _store_rows(Out + b64 * stride_ob + h64 * stride_oh, out, rows64, stride_os, offs_d, m_ok, d_ok)
     tl.store(Lse + lse_rows, lse, mask=m_ok)
 
 

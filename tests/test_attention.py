@@ -298,6 +298,8 @@ def test_dropout_varlen_matches_torch_backend():
         (3, 520, 2, 2, False, True, torch.float16),
         (16, 257, 2, 1, True, True, torch.float32),
         (1, 300, 1, 1, False, False, torch.float16),
+        (3, 300, 4, 2, True, True, torch.float32),  # GQA 4:2 packed into one row tile per kv head
+        (5, 300, 8, 2, True, False, torch.float16),  # 20 rows per kv head: a row tile starts inside a head
     ],
 )
 def test_split_kv_decode(sq, sk, h, hkv, causal, masked, dtype, monkeypatch):

@@ -83,7 +83,8 @@ def _fwd_split(a: AttentionArgs, n_split: int, head: tuple, tail: tuple, flags: 
     # Out and Lse are the (splits, B, H, Sq, D) and (splits, B, H, Sq) fp32 partials: (b, s, h) and (b, h) strides
     parts = (o_part, a.h * a.sq * a.d, a.d, a.sq * a.d, l_part, a.h * a.sq, a.sq)
     meta = tuning.split_meta(flags["BLOCK_D"], a.q.element_size())
-    grid = (utils.cdiv(a.sq, meta["BLOCK_M"]) * n_split * a.batch * a.h,)
+    # one program per (batch, kv head, split, tile of the group * Sq rows (query head, position))
+    grid = (utils.cdiv(a.group * a.sq, meta["BLOCK_M"]) * n_split * a.batch * a.hkv,)
     attention_fwd_kernel[grid](*head, *parts, *tail, split_len, rows * a.d, rows, IS_SPLIT=True, **flags, **meta)
     block_r = 16
     combine = (o_part, l_part, *_with_strides(a, out), lse, n_split, rows, a.h, a.sq, a.d)

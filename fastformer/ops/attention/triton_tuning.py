@@ -115,7 +115,9 @@ def num_splits(a: AttentionArgs, device: torch.device) -> int:
     """Key splits of the forward: 1 (the plain path) unless decoding few rows over many keys on an idle GPU."""
     if a.varlen or a.sq > SPLIT_MAX_Q or a.sk < SPLIT_MIN_KEYS:
         return 1
-    programs = a.batch * a.h  # one query tile per (batch, head)
+    # row tiles per (batch, kv head): a tile packs the group's query heads
+    bd = max(16, utils.next_pow2(a.d))
+    programs = a.batch * a.hkv * utils.cdiv(a.group * a.sq, split_meta(bd, a.q.element_size())["BLOCK_M"])
     target = 2 * utils.sm_count(device)
     if programs >= target:
         return 1
@@ -124,8 +126,8 @@ def num_splits(a: AttentionArgs, device: torch.device) -> int:
 
 def split_meta(bd: int, elem: int) -> dict:
     """Tiles and launch settings of the split-KV forward: K/V tiles of BLOCK_N x BLOCK_D pipelined within shared
-    memory for wide rows and fp32. On GPU the query tile has 64 rows, the fewest wgmma takes on sm_90 (decoding
-    fills one of them per (batch, head): the step is bound by reading K/V, not by the idle rows' arithmetic);
+    memory for wide rows and fp32. On GPU the row tile has 64 rows, the fewest wgmma takes on sm_90 (decoding
+    fills group of them per (batch, kv head): the step is bound by reading K/V, not by the idle rows' arithmetic);
     the interpreter runs 16."""
     row_bytes = bd * elem
     if utils.interpreting():
