@@ -146,3 +146,37 @@ def autotuned(name: str, kernel: object, configs: Callable[[], list], key: list[
         extra = {"prune_configs_by": {"early_config_prune": prune}} if prune is not None else {}
         _AUTOTUNED[cache_key] = triton.autotune(configs(), key=key, **extra)(kernel)
     return _AUTOTUNED[cache_key]
+
+
+def tma_capable(device: torch.device) -> bool:
+    """Whether Triton kernels on ``device`` may use tensor descriptors (TMA): sm_90 or newer, or the interpreter
+    (which emulates them, so CPU tests cover the descriptor code path)."""
+    if interpreting():
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def tma_aligned(*tensors: torch.Tensor | None) -> bool:
+    """Whether every given tensor can back a tensor descriptor: 16-byte aligned base, unit last stride and every
+    other stride a multiple of 16 bytes (TMA's rules), so any sub-block offset by whole rows stays aligned."""
+    for t in tensors:
+        if t is None:
+            continue
+        elem = t.element_size()
+        if t.data_ptr() % 16 or t.stride(-1) != 1 or any(s * elem % 16 for s in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _descriptor_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:  # noqa: ARG001
+    return torch.empty(size, dtype=torch.int8, device="cpu" if interpreting() else "cuda")
+
+
+def ensure_tma_allocator() -> None:
+    """Give Triton an allocator for the scratch of device-side tensor descriptors (``tl.make_tensor_descriptor``),
+    unless the caller has set one: Triton's default refuses every allocation. Per context, so call it per launch."""
+    import triton
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_descriptor_scratch)

@@ -70,21 +70,22 @@ def fake_device(arch: int, autotune: bool) -> Iterator[list[tuple[Any, tuple, di
         calls.append((self.fn, args, kwargs, grid, [(c, id(c) not in kept) for c in self.configs]))
 
     saved = (jit.JITFunction.run, autotuner.Autotuner.run, torch.cuda.get_device_properties)
-    saved += (torch.cuda.current_device, utils.sm_count, os.environ.get("FASTFORMER_AUTOTUNE"))
+    saved += (torch.cuda.current_device, utils.sm_count, utils.tma_capable, os.environ.get("FASTFORMER_AUTOTUNE"))
     jit.JITFunction.run, autotuner.Autotuner.run = jit_run, tune_run
     torch.cuda.get_device_properties = lambda *_: props
     torch.cuda.current_device = lambda: 0
     utils.sm_count = lambda _device: dev.sms
+    utils.tma_capable = lambda _device: arch >= 90
     os.environ["FASTFORMER_AUTOTUNE"] = "1" if autotune else "0"
     try:
         yield calls
     finally:
         jit.JITFunction.run, autotuner.Autotuner.run, torch.cuda.get_device_properties = saved[:3]
-        torch.cuda.current_device, utils.sm_count = saved[3:5]
-        if saved[5] is None:
+        torch.cuda.current_device, utils.sm_count, utils.tma_capable = saved[3:6]
+        if saved[6] is None:
             os.environ.pop("FASTFORMER_AUTOTUNE", None)
         else:
-            os.environ["FASTFORMER_AUTOTUNE"] = saved[5]
+            os.environ["FASTFORMER_AUTOTUNE"] = saved[6]
 
 
 def _t(*shape: int, dtype: torch.dtype = BF16) -> torch.Tensor:
