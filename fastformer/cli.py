@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     b = sub.add_parser("bench", help="run a microbenchmark (extra arguments go to it; try --help after the name)")
     b.add_argument("name", choices=(*BENCHES, "all"))
     sub.add_parser("build", help="build fastformer._C into the per-user cache (needs nvcc)")
-    sub.add_parser("inspect", help="compile every Triton launch for sm_90/sm_80 and report its resources (no GPU)")
+    # its own options (and --help) are parsed by fastformer.inspect
+    sub.add_parser("inspect", add_help=False, help="compile every Triton launch for sm_90/sm_80: resources, no GPU")
     sub.add_parser("demo", help="info, the GPT-vs-BERT study and the LayerNorm benchmark")
     args, rest = parser.parse_known_args(argv)
     if args.cmd == "info":

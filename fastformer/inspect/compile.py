@@ -57,13 +57,21 @@ def _tool(name: str) -> str:
 
 
 def _loop_body(sass: str) -> int:
-    """Instructions in the largest loop: a backward branch to an earlier instruction closes a loop body."""
+    """Instructions in the largest loop: a backward branch to an earlier instruction closes a loop body.
+
+    Only predicated branches close loops: an unconditional backward branch is a warp-specialised partition's
+    jump back to its dispatch. Branches after the kernel's last unconditional EXIT are not loops either: they
+    are the out-of-line retry stubs of mbarrier waits (TMA, wgmma pipelines), which jump back into the code.
+    """
     addr, best = {}, 0
     lines = [ln for ln in sass.splitlines() if re.match(r"\s*/\*[0-9a-f]{4,}\*/", ln)]
     for i, ln in enumerate(lines):
         addr[int(re.match(r"\s*/\*([0-9a-f]+)\*/", ln).group(1), 16)] = i
+    exits = [i for i, ln in enumerate(lines) if re.search(r"\*/\s+EXIT\s*;", ln)]
+    if exits:
+        lines = lines[: exits[-1]]
     for i, ln in enumerate(lines):
-        target = re.search(r"\bBRA(?:\.\w+)*\s+(?:\w+,\s*)?(0x[0-9a-f]+)", ln)
+        target = re.search(r"@!?U?P\w*\s+BRA(?:\.\w+)*\s+(?:\w+,\s*)?(0x[0-9a-f]+)", ln)
         start = addr.get(int(target.group(1), 16)) if target else None
         if start is not None and start < i:  # (a branch to itself is the trailing trap, not a loop)
             best = max(best, i - start + 1)
