@@ -4,9 +4,11 @@ TFLOP/s use flash-attn's convention: forward 4·B·H·Sq·Sk·D (halved when cau
 forward+backward is 3.5× forward. Shapes follow flash-attn's grid: 16k tokens per batch (B = 16384 / S),
 model width 2048 (H = 2048 / D), head dims 64 and 128, seqlen 512 to 16k, causal and not. Peers, measured in the
 same run on the same inputs (each in its native layout): torch SDPA forced to flash, efficient, cuDNN, and the
-math path where its S×S matrices fit. Also: BERT-style padded batches (S = 512, 30-70% padding) through the
-key-padding-mask path and through unpad -> varlen -> pad (TFLOP/s counted on real tokens only), and
-single-query decoding over a long KV cache (split-KV path, GB/s of K/V read). ``--quick`` runs a few shapes.
+math path where its S×S matrices fit; fastformer's Triton path is timed twice, as is (5-matmul backward, dQ added
+atomically) and under ``torch.use_deterministic_algorithms(True)`` (7-matmul backward, no atomics). Also:
+BERT-style padded batches (S = 512, 30-70% padding) through the key-padding-mask path and through
+unpad -> varlen -> pad (TFLOP/s counted on real tokens only), and single-query decoding over a long KV cache
+(split-KV path, GB/s of K/V read). ``--quick`` runs a few shapes.
 """
 
 from __future__ import annotations
@@ -39,8 +41,22 @@ def _flops(b: int, h: int, sq: int, sk: int, d: int, causal: bool) -> float:
     return 4.0 * b * h * sq * sk * d / (2 if causal else 1)
 
 
-def _time(fn, inputs, mode: str) -> float | None:
+# a provider named with this suffix is timed under torch.use_deterministic_algorithms(True): fastformer's Triton
+# backward then runs its 7-matmul kernels without atomics instead of the default 5-matmul atomic-dQ kernel
+DETERMINISTIC = " deterministic"
+
+
+def _time(fn, inputs, mode: str, deterministic: bool = False) -> float | None:
     """Median ms of fn(*inputs) (forward) or of forward + backward; None if this peer cannot run the case."""
+    saved = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        return _time_as_set(fn, inputs, mode)
+    finally:
+        torch.use_deterministic_algorithms(saved)
+
+
+def _time_as_set(fn, inputs, mode: str) -> float | None:
     try:
         if mode == "fwd":
             with torch.no_grad():
@@ -66,7 +82,7 @@ def _timed_rows(provs: dict, work: float, peak: float, head: dict, tail: dict | 
     speed-up over the fastest torch SDPA peer; ``head`` and ``tail`` are the case's columns before and after."""
     rows = []
     for mode in ("fwd", "fwd+bwd"):
-        times = {n: _time(f, inp, mode) for n, (f, inp) in provs.items()}
+        times = {n: _time(f, inp, mode, n.endswith(DETERMINISTIC)) for n, (f, inp) in provs.items()}
         sdpa = [t for n, t in times.items() if n.startswith("sdpa") and t is not None]
         best = min(sdpa) if sdpa else None
         for name, ms in times.items():
@@ -111,6 +127,8 @@ def _dense_rows(dev, dtype, args, backends: list[str]) -> list[dict]:
         # the CUDA C++ kernels are a simple scalar reference: time them only where they finish quickly
         ours = [be for be in backends if be != "cuda" or s <= 4096]
         provs = {n: (f, (q, k, v, causal)) for n, f in _ours(ours).items()}
+        if "triton" in ours:
+            provs["fastformer-triton" + DETERMINISTIC] = provs["fastformer-triton"]
         if dev.type == "cuda":
             for name in _SDPA:
                 provs[name] = (
