@@ -144,11 +144,9 @@ def _dropout_add_ref(x, r, w, b, p, seed, eps, dtype):
     return F.layer_norm(s, (n,), w.to(dtype) if w is not None else None, b.to(dtype) if b is not None else None, eps), s
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,n,p,residual", [(3, 7, 0.0, True), (97, 130, 0.1, True), (17, 97, 0.5, False)])
-def test_dropout_add_layer_norm_matches_float64(backend, dtype, rows, n, p, residual):
-    x, w, b = _inputs(rows, n, dtype)
+def _check_dropout_add(rows, n, dtype, p, residual, backend, affine=True):
+    """dropout + residual + LayerNorm: both outputs and every gradient against float64 and torch in ``dtype``."""
+    x, w, b = _inputs(rows, n, dtype, affine)
     r = torch.randn(rows, n, device=DEVICE).to(dtype) if residual else None
     g_out, g_s = torch.randn_like(x), torch.randn_like(x)
     leaves = [_leaf(x), _leaf(r), _leaf(w), _leaf(b)]
@@ -163,9 +161,49 @@ def test_dropout_add_layer_norm_matches_float64(backend, dtype, rows, n, p, resi
         ls = [_leaf(t, dt if dt == torch.float64 else None) for t in (x, r, w, b)]
         o, ss = _dropout_add_ref(*ls, p, seed, 1e-5, dt)
         results.append([o, ss, *_grads([o, ss], ls, [g_out.to(dt), g_s.to(dt)])])
-    names = ["out", "s", "dx", "dresidual", "dw", "db"] if residual else ["out", "s", "dx", "dw", "db"]
+    names = ["out", "s", "dx"] + ["dresidual"] * residual + ["dw", "db"] * affine
+    assert len(names) == len(ours)
     for name, o, r64, pt in zip(names, ours, *results):
         assert_close_2x(f"{backend} {name}", o, r64, pt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n,p,residual", [(3, 7, 0.0, True), (97, 130, 0.1, True), (17, 97, 0.5, False)])
+def test_dropout_add_layer_norm_matches_float64(backend, dtype, rows, n, p, residual):
+    _check_dropout_add(rows, n, dtype, p, residual, backend)
+
+
+# widths the Triton launcher splits into 3 power-of-two chunks rather than padding to one (kernels/layer_norm.py):
+# 768 = 3 * 256 and 48 = 3 * 16 (rows spread over threads), the primes 47 and 761 (last chunk partly masked) and
+# 2560 in 3 * 1024 (one row per program)
+CHUNKED = [(21, 768), (70, 48), (37, 47), (19, 761), (6, 2560)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n", CHUNKED)
+def test_chunked_rows_match_float64(dtype, rows, n, monkeypatch):
+    from fastformer import utils
+    from fastformer.ops.layer_norm.triton_impl import settings
+
+    _, block_n, chunks, _, spread = settings(n, dtype.itemsize)
+    assert chunks == 3 and 2 * block_n < n <= 3 * block_n and spread == (n < 2560), settings(n, dtype.itemsize)
+    # a one-SM device: a backward grid of at most 4 programs, so most of these shapes loop over several row tiles
+    monkeypatch.setattr(utils, "sm_count", lambda _device: 1)
+    _check_layer_norm(*_inputs(rows, n, dtype), "triton")
+    _check_dropout_add(rows, n, dtype, 0.1, True, "triton")
+    _check_dropout_add(rows, n, dtype, 0.3, False, "triton", affine=False)
+
+
+def test_row_split_choice():
+    from fastformer.ops.layer_norm.triton_impl import settings
+
+    # (BLOCK_M, BLOCK_N, NUM_CHUNKS, num_warps, ROWS_SPREAD): power-of-two rows stay one block
+    assert settings(1024, 2) == (4, 1024, 1, 4, False)
+    assert settings(4096, 4) == (1, 4096, 1, 8, False)
+    assert settings(768, 2) == (4, 256, 3, 4, True)
+    # 5 * 512 would leave each of the 128 threads half a 16-byte vector: 3 * 1024, a quarter of a chunk masked
+    assert settings(2560, 2) == (1, 1024, 3, 4, False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
