@@ -164,6 +164,31 @@ def test_gpt_sampled_generation() -> None:
     assert ours.training, "generate must restore training mode"
 
 
+def left_padded_batch(vocab: int, lengths: list[int], seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(1, vocab, (len(lengths), seqlen))
+    mask = (torch.arange(seqlen)[None] >= seqlen - torch.tensor(lengths)[:, None]).long()
+    return ids * mask, mask  # padding (token 0) on the left
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_left_padded_generation_equals_per_row_and_transformers(backend: str) -> None:
+    """Greedy generate on a left-padded batch: each row gives what its prompt gives alone, and what transformers'
+    generate gives; through the cache slices (causal + key mask) and the static path (whole cache, key mask)."""
+    hf = hf_gpt2(initializer_range=0.2)  # larger weights than GPT-2's: attention far from uniform, padding matters
+    ours = GPT.from_hf(hf, GPTConfig.from_hf_config(hf.config, backend=backend))
+    # the interpreter's cost grows with the launch grid and the number of steps: fewer rows and tokens for triton
+    lengths, n = ([6, 2, 4], 5) if backend == "torch" else ([5, 2], 4)
+    T = max(lengths)
+    ids, mask = left_padded_batch(97, lengths, T)
+    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
+    for static in (False, True):
+        assert torch.equal(ours.generate(ids, n, attention_mask=mask, static=static), expected), static
+    if backend == "torch":  # rows alone take the unpadded path, which other tests run on triton
+        for b, length in enumerate(lengths):
+            alone = ours.generate(ids[b : b + 1, T - length :], n)  # (1, length + n)
+            assert torch.equal(alone[0, length:], expected[b, T:]), b
+
+
 # ---- BERT parity ------------------------------------------------------------------------------------------------
 
 
@@ -289,6 +314,82 @@ def test_missing_and_unexpected_keys_are_named() -> None:
         GPT.from_hf(sd, GPTConfig.from_hf_config(hf.config))
 
 
+def test_untied_lm_head_matches_transformers(tmp_path) -> None:
+    hf = hf_gpt2(tie_word_embeddings=False)
+    assert hf.lm_head.weight.data_ptr() != hf.transformer.wte.weight.data_ptr()
+    hf.save_pretrained(tmp_path / "untied")
+    ours = GPT.from_pretrained(tmp_path / "untied", strict=True).eval()
+    assert not ours.config.tie_word_embeddings and "lm_head.weight" in ours.state_dict()
+    ids = torch.randint(0, 97, (2, 9))
+    torch.testing.assert_close(ours(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
+    prompt = torch.randint(1, 97, (2, 4))
+    expected = hf.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(prompt, 4), expected)
+    # a checkpoint without its untied head reports it
+    sd = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    with pytest.raises(ValueError, match=r"lm_head\.weight"):
+        GPT.from_hf(sd, GPTConfig.from_hf_config(hf.config), strict=True)
+    # tied: no head of its own, logits still match
+    hf = hf_gpt2()
+    ours = GPT.from_hf(hf, strict=True).eval()
+    assert ours.config.tie_word_embeddings and "lm_head.weight" not in ours.state_dict()
+    assert ours.lm_head_weight is ours.transformer.wte.weight
+    torch.testing.assert_close(ours(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
+    # BERT's MLM heads tie their decoder: an untied one is refused, not silently replaced by the embedding
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        BertForMaskedLM.from_hf(hf_bert(transformers.BertForMaskedLM, tie_word_embeddings=False))
+
+
+def test_from_pretrained_checks_model_type_and_config_json(tmp_path) -> None:
+    hf_gpt2().save_pretrained(tmp_path / "gpt")
+    hf_bert(transformers.BertModel).save_pretrained(tmp_path / "bert")
+    for cls, path, found, expected in (
+        (GPT, "bert", "bert", "gpt2"),
+        (BertModel, "gpt", "gpt2", "bert"),
+        (BertForPreTraining, "gpt", "gpt2", "bert"),
+    ):
+        with pytest.raises(ValueError, match="model_type") as err:
+            cls.from_pretrained(tmp_path / path)
+        assert f"{found!r}" in str(err.value) and f"{expected!r}" in str(err.value), str(err.value)
+    with pytest.raises(ValueError, match="'bert'.*'gpt2'"):
+        GPT.from_hf(hf_bert(transformers.BertModel))
+    (tmp_path / "gpt" / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no config\.json in") as err:
+        GPT.from_pretrained(tmp_path / "gpt")
+    assert str(tmp_path / "gpt") in str(err.value)
+
+
+# ---- outputs ----------------------------------------------------------------------------------------------------
+
+
+def test_outputs_index_like_transformers() -> None:
+    hf = hf_gpt2()
+    gpt = GPT.from_hf(hf).eval()
+    ids = torch.randint(0, 97, (2, 8))
+    for kw in ({}, {"labels": ids}):  # keys ["logits"], then ["loss", "logits"]: the fields set, as transformers
+        out, ref = gpt(ids, **kw), hf(ids, use_cache=False, **kw)
+        assert list(out.keys()) == list(ref.keys()) and list(out) == list(ref) and len(out) == len(ref)
+        assert out["logits"] is out.logits is out[-1] and out.to_tuple() == (*out.values(),)
+        for a, b in zip(out.to_tuple(), ref.to_tuple(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    out = gpt(ids)
+    assert "loss" not in out and out.to_tuple() == (out.logits,) and out[0] is out.logits
+    with pytest.raises(KeyError, match="loss"):
+        out["loss"]
+    # BERT: the same keys; at padding positions ours holds zeros where transformers holds values (README)
+    hf = hf_bert(transformers.BertModel)
+    bert = BertModel.from_hf(hf, strict=True).eval()
+    ids, mask = padded_batch(101, [7, 3], 7)
+    out, ref = bert(ids, attention_mask=mask), hf(ids, attention_mask=mask)
+    assert list(out.keys()) == list(ref.keys()) == ["last_hidden_state", "pooler_output"]
+    pad = mask == 0
+    assert torch.all(out[0][pad] == 0) and ref[0][pad].abs().min() > 0
+    torch.testing.assert_close(out[0][~pad], ref[0][~pad], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["pooler_output"], ref["pooler_output"], rtol=1e-4, atol=1e-5)
+    pre = BertForPreTraining(BertConfig.from_name("bert-tiny"))(ids, labels=ids)
+    assert pre[0] is pre.loss and pre[1] is pre.prediction_logits and pre.to_tuple()[2] is pre.seq_relationship_logits
+
+
 # ---- bad input --------------------------------------------------------------------------------------------------
 
 
@@ -306,6 +407,7 @@ def test_bad_inputs_name_the_argument() -> None:
         (lambda: gpt.generate(ids, 30), ValueError, "max_new_tokens"),
         (lambda: gpt.generate(ids, 3, temperature=0.0), ValueError, "temperature"),
         (lambda: gpt.generate(ids, 3, top_p=1.5), ValueError, "top_p"),
+        (lambda: gpt.generate(ids, 3, attention_mask=torch.ones(2, 8).tril()), ValueError, "attention_mask"),
     ]
     bert = BertForPreTraining(BertConfig.from_name("bert-tiny"))
     ids = torch.randint(0, 101, (2, 8))

@@ -9,6 +9,7 @@ from fastformer.models.bert import (
 from fastformer.models.config import BertConfig, GPTConfig
 from fastformer.models.generation import KVCache
 from fastformer.models.gpt import GPT
+from fastformer.models.outputs import ModelOutput
 
 __all__ = [
     "GPT",
@@ -19,4 +20,5 @@ __all__ = [
     "BertModel",
     "GPTConfig",
     "KVCache",
+    "ModelOutput",
 ]

@@ -6,15 +6,15 @@ op per sublayer), learned positions plus token-type embeddings, a tanh pooler ov
 With an ``attention_mask`` the encoder runs unpadded: padding is dropped once, from the token ids
 (``unpad_input``); the embeddings and every layer work on the packed (N, C) real tokens, attention with
 ``attention_varlen``, and outputs are scattered back to (B, S, ...) at the end (``pad_input``; padding
-positions hold zeros). A padded batch therefore costs work in proportion to its real tokens. The MLM
-head also runs on packed tokens, so labels at padding positions are ignored.
+positions hold zeros, where transformers returns hidden states computed for the padding tokens). A padded batch
+therefore costs work in proportion to its real tokens. The MLM head also runs on packed tokens, so labels at
+padding positions are ignored.
 
 Forward keyword names match ``transformers`` so that a tokenizer's output can be passed as ``**batch``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -26,6 +26,12 @@ from fastformer import utils
 from fastformer.models.config import BertConfig
 from fastformer.models.inputs import check_ids, check_mask
 from fastformer.models.loading import HFLoadable
+from fastformer.models.outputs import (
+    BertForPreTrainingOutput,
+    BertModelOutput,
+    MaskedLMOutput,
+    SequenceClassifierOutput,
+)
 from fastformer.nn.attention import MultiheadSelfAttention
 from fastformer.nn.ffn import FeedForward
 from fastformer.nn.layer_norm import DropoutAddLayerNorm, LayerNorm
@@ -33,33 +39,6 @@ from fastformer.ops.attention import pad_input, unpad_input
 from fastformer.ops.ffn import linear
 
 OptT = Tensor | None  # an optional (B, S) input of the transformers-style forward
-
-
-@dataclass
-class BertModelOutput:
-    last_hidden_state: Tensor  # (B, S, C)
-    pooler_output: Tensor | None = None  # (B, C)
-
-
-@dataclass
-class BertForPreTrainingOutput:
-    prediction_logits: Tensor  # (B, S, V)
-    seq_relationship_logits: Tensor  # (B, 2)
-    loss: Tensor | None = None  # mlm_loss + nsp_loss (the terms present)
-    mlm_loss: Tensor | None = None
-    nsp_loss: Tensor | None = None
-
-
-@dataclass
-class MaskedLMOutput:
-    logits: Tensor  # (B, S, V)
-    loss: Tensor | None = None
-
-
-@dataclass
-class SequenceClassifierOutput:
-    logits: Tensor  # (B, num_labels)
-    loss: Tensor | None = None
 
 
 class Packing(NamedTuple):
@@ -178,6 +157,8 @@ class MLMHead(nn.Module):
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
+        if not config.tie_word_embeddings:  # transformers would use cls.predictions.decoder.{weight,bias}
+            raise ValueError("tie_word_embeddings: an MLM decoder untied from the word embedding is not supported")
         self.config = config
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.ln = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, backend=config.backend)
@@ -253,7 +234,13 @@ class BertForPreTraining(_BertTask):
         if next_sentence_label is not None:
             nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label.flatten())
         loss = mlm_loss if nsp_loss is None else nsp_loss if mlm_loss is None else mlm_loss + nsp_loss
-        return BertForPreTrainingOutput(logits, nsp_logits, loss, mlm_loss, nsp_loss)
+        return BertForPreTrainingOutput(
+            loss=loss,
+            prediction_logits=logits,  # (B, S, V)
+            seq_relationship_logits=nsp_logits,  # (B, 2)
+            mlm_loss=mlm_loss,
+            nsp_loss=nsp_loss,
+        )
 
 
 class BertForMaskedLM(_BertTask):
@@ -266,7 +253,8 @@ class BertForMaskedLM(_BertTask):
 
     def head(self, h: Tensor, packing: Packing | None, labels: Tensor | None) -> MaskedLMOutput:
         """labels: (B, S) with -100 at positions that are not scored. Returns logits (B, S, V) and loss."""
-        return MaskedLMOutput(*self.mlm_logits(h, packing, labels))
+        logits, loss = self.mlm_logits(h, packing, labels)
+        return MaskedLMOutput(loss=loss, logits=logits)
 
 
 class BertForSequenceClassification(_BertTask):
@@ -296,4 +284,4 @@ class BertForSequenceClassification(_BertTask):
                 loss = F.cross_entropy(logits.float(), labels.flatten())
             else:
                 loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
-        return SequenceClassifierOutput(logits, loss)
+        return SequenceClassifierOutput(loss=loss, logits=logits)

@@ -34,6 +34,8 @@ class _Config:
     """Shared behaviour: named presets, validation, dict/JSON round trips."""
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+    # the Hugging Face ``model_type`` values whose checkpoints these models load
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = ()
     # Hugging Face options whose other values change the model's math: key -> the only value implemented here
     HF_FIXED: ClassVar[dict[str, Any]] = {}
 
@@ -62,12 +64,23 @@ class _Config:
     @classmethod
     def from_hf_config(cls: type[C], hf_config: Any, **overrides: Any) -> C:
         """Convert a ``transformers`` config object (or its dict, or a config.json path) to ours."""
+        where = f"config {os.fspath(hf_config)!r}" if isinstance(hf_config, (str, os.PathLike)) else "the config"
         if isinstance(hf_config, (str, os.PathLike)):
             with open(hf_config) as f:
                 hf_config = json.load(f)
         if not isinstance(hf_config, dict):
             hf_config = hf_config.to_dict()
+        cls.check_model_type(hf_config.get("model_type"), where)
         return cls.from_dict(hf_config, **overrides)
+
+    @classmethod
+    def check_model_type(cls, found: str | None, where: str) -> None:
+        """ValueError unless ``found`` is one of ``MODEL_TYPES`` (None, as in some old config.json files, passes)."""
+        if found is not None and found not in cls.MODEL_TYPES:
+            expected = " or ".join(repr(t) for t in cls.MODEL_TYPES)
+            raise ValueError(
+                f"model_type: {where} is for model_type {found!r}, but {cls.__name__} loads model_type {expected}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
@@ -84,7 +97,7 @@ def _check(width: int, heads: int, activation: str, backend: str | None) -> None
 
 @dataclass
 class GPTConfig(_Config):
-    """GPT-2: learned positions, pre-LayerNorm blocks, gelu_tanh MLP, LM head tied to the token embedding."""
+    """GPT-2: learned positions, pre-LayerNorm blocks, gelu_tanh MLP, LM head tied to the token embedding (or not)."""
 
     vocab_size: int = 50257  # GPT-2 BPE; pad to a multiple of 64 for speed when training from scratch
     n_positions: int = 1024  # longest sequence (learned position table size)
@@ -100,6 +113,7 @@ class GPTConfig(_Config):
     initializer_range: float = 0.02
     bos_token_id: int = 50256
     eos_token_id: int = 50256
+    tie_word_embeddings: bool = True  # False: the LM head is its own (vocab_size, n_embd) matrix, lm_head.weight
     backend: str | None = None
     gradient_checkpointing: bool = False
 
@@ -111,6 +125,7 @@ class GPTConfig(_Config):
         "gpt-tiny": dict(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=2),  # tests
         "gpt-small": dict(vocab_size=256, n_positions=128, n_embd=128, n_layer=4, n_head=4),  # demos, CPU
     }
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = ("gpt2",)
     HF_FIXED: ClassVar[dict[str, Any]] = {
         "scale_attn_weights": True,
         "scale_attn_by_inverse_layer_idx": False,
@@ -158,6 +173,7 @@ class BertConfig(_Config):
     num_labels: int = 2  # BertForSequenceClassification
     problem_type: str | None = None  # "regression", "single_label_classification", "multi_label_classification"
     classifier_dropout: float | None = None  # None = hidden_dropout_prob
+    tie_word_embeddings: bool = True  # the MLM heads' decoder is the word embedding; False only loads encoders
     backend: str | None = None
     gradient_checkpointing: bool = False
 
@@ -167,6 +183,7 @@ class BertConfig(_Config):
         "bert-tiny": _bert_shape(32, 2, 2, 64, vocab_size=101, max_position_embeddings=32),  # tests
         "bert-small": _bert_shape(128, 4, 4, 512, vocab_size=256, max_position_embeddings=128),  # demos, CPU
     }
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = ("bert",)  # RoBERTa's position offset and names are not mapped
 
     HF_FIXED: ClassVar[dict[str, Any]] = {
         "position_embedding_type": "absolute",

@@ -2,6 +2,9 @@
 
 The prompt runs through the model once (prefill, causal attention over T tokens); each later step
 feeds one token per sequence, whose query attends to every cached key (``attention`` with seqlen_q = 1).
+Prompts of different lengths are left-padded with an ``attention_mask``: the cache records which keys are padding
+and masks them in the prefill and in every step, and positions skip the padding, so each row decodes as it would
+alone (and as transformers' ``generate`` does).
 On CUDA the step has static shapes (the whole cache, masked to the written positions) and is captured
 once as a CUDA graph. Greedy decoding is deterministic and matches Hugging Face ``generate``.
 """
@@ -16,16 +19,18 @@ import torch
 from torch import Tensor
 
 from fastformer import utils
+from fastformer.models.inputs import check_mask
 from fastformer.ops.ffn import linear
 
 
 class KVCache:
     """Preallocated keys and values for every layer, ``k[i]``, ``v[i]``: (B, max_len, nh, hs).
 
-    Positions are written either by a Python int ``pos`` (any number of new tokens; attention then reads the
-    slice [0, pos + T) with causal masking), or by a one-element device tensor ``pos`` (one new token per row;
-    attention reads the whole cache with ``valid`` as its key mask). The second form has static shapes and no
-    host values, so a decoding step can be captured once as a CUDA graph and replayed.
+    Slots are written either by a Python int ``pos`` (any number of new tokens; attention then reads the
+    slice [0, pos + T) with causal masking, and ``valid`` as a key mask once some key is padding), or by a
+    one-element device tensor ``pos`` (one new token per row; attention reads the whole cache with ``valid`` as
+    its key mask). The second form has static shapes and no host values, so a decoding step can be captured once
+    as a CUDA graph and replayed.
     """
 
     def __init__(self, shape: tuple[int, int, int, int, int], device: torch.device, dtype: torch.dtype) -> None:
@@ -33,14 +38,25 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         batch, self.max_len = shape[1], shape[2]
-        self.valid = torch.zeros(batch, self.max_len, device=device, dtype=torch.bool)  # (B, max_len) written keys
+        self.valid = torch.zeros(batch, self.max_len, device=device, dtype=torch.bool)  # (B, max_len) real keys
+        self.slots = torch.arange(self.max_len, device=device)  # (max_len,)
+        self.padded = False  # some written key is padding: int-pos steps must mask keys too
 
-    def mark(self, pos: int | Tensor, T: int) -> None:
-        """Record that positions pos .. pos + T - 1 are about to be written (once per step, before the layers)."""
-        if isinstance(pos, Tensor):
+    def mark(self, pos: int | Tensor, T: int, mask: Tensor | None = None) -> Tensor:
+        """Record that slots pos .. pos + T - 1 are about to be written (once per step, before the layers), ``mask``
+        (B, T) False where a new token is padding. Returns the new tokens' positions (B, T): the number of real
+        tokens before each in its row (0 at padding)."""
+        if isinstance(pos, Tensor):  # T = 1 real token per row; static shapes, no host values
+            before = self.valid & (self.slots < pos)  # (B, max_len)
             self.valid.index_fill_(1, pos, True)
+            return before.sum(-1, keepdim=True)  # (B, 1)
+        if mask is None:
+            mask = torch.ones(self.valid.shape[0], T, device=self.valid.device, dtype=torch.bool)
         else:
-            self.valid[:, pos : pos + T] = True
+            self.padded = True
+        before = self.valid[:, :pos].sum(-1, keepdim=True)  # (B, 1)
+        self.valid[:, pos : pos + T] = mask
+        return (before + mask.cumsum(-1) - 1).clamp_min(0)  # (B, T)
 
     def update(self, layer: int, pos: int | Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """Store (B, T, nh, hs) keys/values at pos..; return the keys and values to attend to and their mask."""
@@ -155,7 +171,8 @@ class DecodeStep:
 
 class GenerationMixin:
     """KV-cache decoding for a causal LM. The model provides ``config`` (``n_layer``, ``n_head``, ``head_dim``,
-    ``n_positions``), ``hidden_states(input_ids, cache=, pos=, check_values=)`` and ``lm_head_weight``."""
+    ``n_positions``), ``hidden_states(input_ids, attention_mask, cache=, pos=, check_values=)`` and
+    ``lm_head_weight``."""
 
     config: Any
     training: bool
@@ -168,11 +185,19 @@ class GenerationMixin:
         return KVCache((cfg.n_layer, batch, max_len, cfg.n_head, cfg.head_dim), w.device, dtype)
 
     @torch.no_grad()
-    def step(self, input_ids: Tensor, cache: KVCache, pos: int | Tensor, check_values: bool = True) -> Tensor:
-        """Run (B, T) new tokens at positions pos.. through the cache; returns last-position logits (B, V).
+    def step(
+        self,
+        input_ids: Tensor,
+        cache: KVCache,
+        pos: int | Tensor,
+        check_values: bool = True,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Run (B, T) new tokens at cache slots pos.. through the cache; returns last-position logits (B, V).
 
-        ``pos`` an int: any T; ``pos`` a (1,) int64 tensor on the model's device: T = 1, static shapes."""
-        h = self.hidden_states(input_ids, cache=cache, pos=pos, check_values=check_values)  # (B, T, C)
+        ``pos`` an int: any T; ``pos`` a (1,) int64 tensor on the model's device: T = 1, static shapes.
+        ``attention_mask``: (B, T), 0 where a new token is padding (int ``pos`` only)."""
+        h = self.hidden_states(input_ids, attention_mask, cache=cache, pos=pos, check_values=check_values)  # (B, T, C)
         return linear(h[:, -1], self.lm_head_weight, backend=self.config.backend)  # (B, V)
 
     @torch.no_grad()
@@ -187,9 +212,12 @@ class GenerationMixin:
         do_sample: bool = False,
         generator: torch.Generator | None = None,
         static: bool | None = None,
+        attention_mask: Tensor | None = None,
     ) -> Tensor:
         """Extend (B, T) prompts by up to ``max_new_tokens`` tokens; returns (B, T + n).
 
+        ``attention_mask``: (B, T), 0 at padding; prompts of different lengths are padded on the left (the last
+        position of every row must be a real token), and each row then decodes as it would alone.
         Sequences that emitted ``eos_token_id`` are padded with it afterwards, and decoding stops as soon as
         every sequence has finished (so n may be smaller than max_new_tokens), as Hugging Face does.
         ``static``: decode with static shapes (:class:`DecodeStep`, a CUDA graph on GPU); default on CUDA only.
@@ -199,15 +227,20 @@ class GenerationMixin:
         limit = self.config.n_positions
         if T + max_new_tokens > limit:
             raise ValueError(f"input_ids length {T} + max_new_tokens {max_new_tokens} exceeds n_positions {limit}")
+        mask = check_mask(attention_mask, "attention_mask", input_ids)
+        if mask is not None and not bool(mask[:, -1].all()):
+            raise ValueError("attention_mask: generate needs left padding; the last position of a row is padding")
         if max_new_tokens == 0:
             return input_ids
+        if mask is not None and bool(mask.all()):
+            mask = None  # no padding: the unmasked path
         static = input_ids.is_cuda if static is None else static
         was_training = self.training
         self.eval()
         try:
             cache = self.new_cache(B, T + max_new_tokens)
             decode = DecodeStep(self, cache, B, graph=True) if static and max_new_tokens > 1 else None
-            logits = self.step(input_ids, cache, 0)  # (B, V): the prompt in one pass, its ids checked
+            logits = self.step(input_ids, cache, 0, attention_mask=mask)  # (B, V): the prompt in one pass, checked
             out = [input_ids]
             finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
             for i in range(max_new_tokens):

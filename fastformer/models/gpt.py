@@ -1,9 +1,10 @@
 """GPT-2 on fastformer's fused ops.
 
 Pre-LayerNorm blocks built from ``fastformer.nn`` modules, learned positions, gelu_tanh MLP, LM head tied to
-the token embedding. Each residual add is fused with the LayerNorm that follows it (``DropoutAddLayerNorm``),
-so the block interface carries two tensors: the sublayer output ``x`` still to be added, and the residual
-stream. KV-cache decoding comes from :class:`~fastformer.models.generation.GenerationMixin`.
+the token embedding (or its own ``lm_head`` with ``tie_word_embeddings=False``). Each residual add is fused with
+the LayerNorm that follows it (``DropoutAddLayerNorm``), so the block interface carries two tensors: the sublayer
+output ``x`` still to be added, and the residual stream. KV-cache decoding comes from
+:class:`~fastformer.models.generation.GenerationMixin`.
 
     r_0 = drop(wte + wpe)                      h = ln_1(r)            (first block's fused add)
     r  += drop(attn(h));  h = ln_2(r)          one fused op
@@ -16,7 +17,6 @@ an ``nn.Linear`` in (out, in) layout; :mod:`fastformer.models.loading` maps and 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,16 +28,11 @@ from fastformer.models.config import GPTConfig
 from fastformer.models.generation import GenerationMixin, KVCache
 from fastformer.models.inputs import check_ids, check_mask
 from fastformer.models.loading import HFLoadable
+from fastformer.models.outputs import CausalLMOutput
 from fastformer.nn.attention import KVHook, MultiheadSelfAttention
 from fastformer.nn.ffn import FeedForward
 from fastformer.nn.layer_norm import DropoutAddLayerNorm
 from fastformer.ops.ffn import linear
-
-
-@dataclass
-class CausalLMOutput:
-    logits: Tensor  # (B, T, vocab_size)
-    loss: Tensor | None = None  # mean next-token cross-entropy over labels != -100
 
 
 class Block(nn.Module):
@@ -81,6 +76,8 @@ class GPT(HFLoadable, GenerationMixin, nn.Module):
                 ln_f=DropoutAddLayerNorm(config.n_embd, config.resid_pdrop, config.layer_norm_epsilon, backend=be),
             )
         )
+        if not config.tie_word_embeddings:  # an untied head: its own (vocab_size, C) matrix
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.apply(self._init_weights)
         # GPT-2's scaled init: each residual branch's output projection by 1/sqrt(number of residual adds)
         for name, p in self.named_parameters():
@@ -95,8 +92,8 @@ class GPT(HFLoadable, GenerationMixin, nn.Module):
 
     @property
     def lm_head_weight(self) -> Tensor:
-        """The LM head is tied to the token embedding: (vocab_size, C)."""
-        return self.transformer.wte.weight
+        """The LM head (vocab_size, C): the token embedding when tied, else ``lm_head.weight``."""
+        return self.transformer.wte.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; the position table is left out by default (it costs no FLOPs per token)."""
@@ -111,8 +108,13 @@ class GPT(HFLoadable, GenerationMixin, nn.Module):
         pos: int | Tensor = 0,
         check_values: bool = True,
     ) -> Tensor:
-        """input_ids: (B, T) -> final normalized hidden states (B, T, C); with a cache, positions start at pos.
+        """input_ids: (B, T) -> final normalized hidden states (B, T, C).
 
+        attention_mask: (B, T), 0/False at padding. Without a cache, padding keys are masked and positions are
+        0..T-1 (as transformers' forward). With a cache, the new tokens are written at cache slots pos..pos+T-1,
+        their mask is recorded there, padding keys stay masked in every later step, and each token's position is
+        the number of real tokens before it in its row (transformers' generate: cumsum(mask) - 1), so a
+        left-padded prompt is positioned as if it were alone.
         ``check_values=False`` skips the vocabulary range check (a host sync), for ids the model itself produced.
         """
         cfg = self.config
@@ -120,12 +122,16 @@ class GPT(HFLoadable, GenerationMixin, nn.Module):
         limit = cfg.n_positions if cache is None else 1 if static else min(cfg.n_positions, cache.max_len) - pos
         check_ids(input_ids, "input_ids", cfg.vocab_size if check_values else None, limit)
         mask = check_mask(attention_mask, "attention_mask", input_ids)
-        if mask is not None and cache is not None:
-            raise ValueError("attention_mask: padding masks are not supported together with a KV cache")
         T = input_ids.shape[1]
-        positions = pos if static else torch.arange(pos, pos + T, device=input_ids.device)  # (T,)
-        if cache is not None:
-            cache.mark(pos, T)
+        if cache is None:
+            positions = torch.arange(T, device=input_ids.device)  # (T,)
+        else:
+            if static and mask is not None:
+                raise ValueError("attention_mask: not supported with a device-side pos (one real token per row)")
+            positions = cache.mark(pos, T, mask)  # (B, T)
+            # keys to attend: with an int pos the cache hands back [0, pos + T) and the block masks causally, plus
+            # the padding recorded so far; with a device-side pos the cache hands back its own key mask
+            mask = cache.valid[:, : pos + T] if cache.padded and not static else None  # (B, pos + T)
         x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)  # (B, T, C)
         x = x.to(utils.autocast_dtype(x) or x.dtype)
         residual = None

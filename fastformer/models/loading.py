@@ -4,8 +4,9 @@ Name mapping (HF -> ours), applied after stripping the HF wrapper prefix (``tran
 
 - GPT-2: ``attn.c_attn`` -> ``attn.qkv``, ``attn.c_proj`` -> ``attn.out_proj``, ``mlp.c_fc`` -> ``mlp.fc1``,
   ``mlp.c_proj`` -> ``mlp.fc2`` (the fastformer.nn modules' names), the rest unchanged; Conv1D weights (in, out) are
-  transposed to nn.Linear's (out, in); ``lm_head.weight`` is the tied embedding and the causal-mask buffers
-  ``attn.bias``/``attn.masked_bias`` are dropped.
+  transposed to nn.Linear's (out, in); the causal-mask buffers ``attn.bias``/``attn.masked_bias`` are dropped, and
+  so is ``lm_head.weight`` when the head is tied to ``wte`` (``tie_word_embeddings``, the default), as transformers
+  ties it; an untied head keeps its own ``lm_head.weight``.
 - BERT: ``embeddings.{word,position,token_type}_embeddings`` -> ``wte``/``wpe``/``wtt``, ``embeddings.LayerNorm`` ->
   ``ln_emb``; per layer ``attention.self.{query,key,value}`` are concatenated into ``attn.qkv``,
   ``attention.output.dense`` -> ``attn.out_proj``, ``attention.output.LayerNorm`` -> ``ln_1``,
@@ -16,7 +17,8 @@ Name mapping (HF -> ours), applied after stripping the HF wrapper prefix (``tran
 
 Keys present in the checkpoint but not in the model ("unexpected") and parameters the checkpoint does not
 provide ("missing", left at their random initialisation) are reported by name: a warning by default, a
-ValueError with ``strict=True``. No network access: ``from_pretrained`` reads a local directory only.
+ValueError with ``strict=True``. No network access: ``from_pretrained`` reads a local directory only, and refuses
+a ``config.json`` whose ``model_type`` the class does not load (``GPTConfig.MODEL_TYPES``, ``BertConfig.MODEL_TYPES``).
 """
 
 from __future__ import annotations
@@ -65,11 +67,16 @@ def _strip(key: str, prefix: str) -> str:
     return key[len(prefix) :] if key.startswith(prefix) else key
 
 
-def convert_gpt2(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
-    """HF GPT2LMHeadModel / GPT2Model state dict -> (ours, HF keys with no counterpart)."""
+def convert_gpt2(state_dict: dict[str, Tensor], tied: bool = True) -> tuple[dict[str, Tensor], list[str]]:
+    """HF GPT2LMHeadModel / GPT2Model state dict -> (ours, HF keys with no counterpart).
+
+    ``tied``: the model's LM head is ``wte`` (any ``lm_head.weight`` is dropped), else its own ``lm_head.weight``."""
     out: dict[str, Tensor] = {}
     for key, t in state_dict.items():
-        if _IGNORED.search(key) or key == "lm_head.weight":  # buffers; the head is tied to wte
+        if _IGNORED.search(key) or (tied and key == "lm_head.weight"):  # buffers; a tied head is wte
+            continue
+        if key == "lm_head.weight":
+            out[key] = t
             continue
         name = "transformer." + _strip(key, "transformer.")
         if _CONV1D.search(name) and t.dim() == 2:
@@ -159,7 +166,7 @@ def from_hf(
         raise TypeError(f"config must be a {config_class.__name__}, got {type(config).__name__}")
     model = cls(config)
     if config_class is GPTConfig:
-        converted, unknown = convert_gpt2(state_dict)
+        converted, unknown = convert_gpt2(state_dict, tied=config.tie_word_embeddings)  # type: ignore[union-attr]
     else:
         converted, unknown = convert_bert(state_dict, heads=hasattr(model, "bert"))
     return load_converted(model, converted, unknown, strict)
@@ -189,7 +196,13 @@ def from_pretrained(
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"path: {path!r} is not a local directory (fastformer never downloads)")
-    config = cls.config_class.from_hf_config(os.path.join(path, "config.json"), **config_overrides)  # type: ignore[attr-defined]
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(
+            f"path: no config.json in {path!r}; from_pretrained reads a Hugging Face directory holding config.json "
+            "and model.safetensors or pytorch_model.bin"
+        )
+    config = cls.config_class.from_hf_config(config_path, **config_overrides)  # type: ignore[attr-defined]
     return from_hf(cls, read_state_dict(path), config, strict)
 
 
