@@ -5,14 +5,24 @@ and values of the matching kv head (GQA: head h reads kv head h // group) in BLO
 softmax online: a running row max ``m`` (base-2 domain, the scale folded into ``qk_scale``), a running
 normaliser ``l`` and an fp32 accumulator rescaled by exp2(m_old - m_new) whenever the max grows. It
 stores the output and the row logsumexp ``lse`` (natural log); nothing of size S×S is written.
+With USE_TMA (sm_90, operands TMA-aligned) Q, K and V arrive through tensor descriptors bounded by the sequence and
+the head dim, so the hardware zero-fills what the pointer path masks and the loop does no address arithmetic.
+With WARP_SPEC (non-causal, unmasked, no dropout, dense, keys a multiple of 128: the launcher decides) the key
+loop is warp-specialised: Triton 3.6 splits it into a TMA producer warp and two consumer warpgroups that take
+turns between softmax and matmuls, which it does only for a single loop fed by descriptors.
 
 Backward: ``attention_bwd_preprocess_kernel`` computes delta = rowsum(dO * O). ``attention_bwd_dkdv_kernel`` owns
 BLOCK_N keys of one kv head and loops over every query head of its GQA group and every query tile, recomputing
-P = exp(s - lse) to accumulate dV = Pᵀ dO and dK = dSᵀ Q with dS = P * (dP - delta); because one program
-owns each dK/dV tile there are no atomics and the result is deterministic. ``attention_bwd_dq_kernel`` owns
-BLOCK_M queries and loops over keys for dQ = dS K. The programs share their prologue through the helpers below
-(``_program``, ``_seq_bounds``, ``_head_ids``: program decode, sequence bounds, indices; ``_load_rows``: tile
-loads; ``_load_q_side``: the per-query-row inputs of backward), as the Triton tutorial factors its inner loop.
+P = exp(s - lse) to accumulate dV = Pᵀ dO and dK = dSᵀ Q with dS = P * (dP - delta); one program owns each
+dK/dV tile, so dK and dV need no atomics. dQ = dS K has two modes, chosen by the launcher from
+``torch.are_deterministic_algorithms_enabled()``. Deterministic (7 matmuls per tile pair): ``attention_bwd_dq_kernel``
+owns BLOCK_M queries and loops over keys, recomputing S and dP; every sum has a fixed order, so reruns are bitwise
+equal. Otherwise (the default, ATOMIC_DQ, FlashAttention-2's 5 matmuls) the dK/dV program also forms dS K for each
+query tile it visits and adds it with ``tl.atomic_add`` into an fp32 q-shaped buffer, which the launcher scales by
+sm_scale and casts; the order of those additions varies, so dQ's last bits may differ between runs. The programs
+share their prologue through the helpers below (``_program``, ``_seq_bounds``, ``_head_ids``: program decode,
+sequence bounds, indices; ``_load_rows``: tile loads; ``_load_q_side``: the per-query-row inputs of backward), as
+the Triton tutorial factors its inner loop.
 
 Masks, all generated in-kernel from indices: key columns past the sequence, the key padding mask
 (True/1 = attend), and causality aligned bottom-right (query i sees key j <= i + seqlen_k - seqlen_q).
@@ -24,7 +34,8 @@ Split-KV decoding (IS_SPLIT): for few query rows and long keys, the keys are cut
 so that many programs share one row; each writes a normalised fp32 partial output and its lse, and
 ``attention_fwd_combine_kernel`` merges them with weights exp(lse_split - lse). A split program owns one kv head:
 its BLOCK_M rows enumerate the pairs (query head of the group, query position), so each K/V split is read once
-per kv head and decoding fills group rows of the tile instead of one.
+per kv head and decoding fills group rows of the tile instead of one. The combine's programs tile (rows, chunks
+of D), sized by the launcher so that a decoding step's few rows still occupy every SM.
 
 Dropout (HAS_DROPOUT) drops P after the normaliser is accumulated; element (row r, key j) is element (r, j) of
 the dropout matrix with row length ``drop_stride`` (kernels/dropout.py: word j % 4 of the Philox call at counter
@@ -243,8 +254,8 @@ def _fwd_key_tiles(
     l_i,  # (BLOCK_M,) running softmax normaliser
     m_i,  # (BLOCK_M,) running row max of the scores times qk_scale (base 2); -inf before any visible key
     q,  # (BLOCK_M, BLOCK_D) query tile
-    k_base,  # K at the (batch, kv head, sequence start)
-    v_base,  # V at the (batch, kv head, sequence start)
+    k_src,  # K at the (batch, kv head, sequence start): a pointer, or a (seq_k, D) tensor descriptor (USE_TMA)
+    v_src,  # V, the same way
     stride_ks,  # K token stride
     stride_vs,  # V token stride
     Mask,  # (B, Sk) key padding mask (HAS_MASK)
@@ -268,6 +279,8 @@ def _fwd_key_tiles(
     IS_CAUSAL: tl.constexpr,  # bottom-right causal mask
     HAS_MASK: tl.constexpr,  # apply Mask
     HAS_DROPOUT: tl.constexpr,  # drop P after its normaliser is accumulated
+    USE_TMA: tl.constexpr,  # k_src and v_src are tensor descriptors
+    WARP_SPEC: tl.constexpr,  # warp-specialise the loop (producer warps issue the loads)
     BLOCK_N: tl.constexpr,  # keys per streamed tile
     DOT_PREC: tl.constexpr,  # tl.dot input_precision (fp32 inputs)
 ):
@@ -276,14 +289,18 @@ def _fwd_key_tiles(
     # causal: each row's last visible key inside the sequence, so that one compare per element masks both
     last = tl.minimum(offs_m + causal_off, seq_k - 1)
     # the edge tiles are one or two: software-pipelining them would only cost registers
-    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if EDGE else None):
+    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if EDGE else None, warp_specialize=WARP_SPEC):
         cols = start_n + offs_n
         cols64 = cols.to(tl.int64)
         if EDGE:
             n_ok = cols < seq_k
         else:
             n_ok = tl.full([BLOCK_N], 1, tl.int1)
-        kt = _load_rows(k_base, cols64, stride_ks, offs_d, n_ok, d_ok, True)
+        if USE_TMA:
+            # rows past the sequence and lanes past D arrive as zeros, as the masked pointer load gives them
+            kt = tl.trans(k_src.load([start_n, 0]))
+        else:
+            kt = _load_rows(k_src, cols64, stride_ks, offs_d, n_ok, d_ok, True)
         # raw scores; the scale goes into the exp2 argument below (one multiply-add per element)
         s = tl.dot(q, kt, input_precision=DOT_PREC)
         if HAS_MASK:
@@ -302,7 +319,10 @@ def _fwd_key_tiles(
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
             p = tl.where(dropout_keep(seed, lse_rows, start_n, drop_stride, thresh, BLOCK_N), p * keep_scale, 0.0)
-        v = _load_rows(v_base, cols64, stride_vs, offs_d, n_ok, d_ok, False)
+        if USE_TMA:
+            v = v_src.load([start_n, 0])
+        else:
+            v = _load_rows(v_src, cols64, stride_vs, offs_d, n_ok, d_ok, False)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
     return acc, l_i, m_i
@@ -353,6 +373,8 @@ def attention_fwd_kernel(
     IS_VARLEN: tl.constexpr,  # packed sequences bounded by CuQ/CuK
     HAS_DROPOUT: tl.constexpr,  # drop P after its normaliser is accumulated
     IS_SPLIT: tl.constexpr,  # split-KV decoding: write per-split partials for attention_fwd_combine_kernel
+    USE_TMA: tl.constexpr,  # stream K/V through tensor descriptors (TMA on sm_90); the launcher checks alignment
+    WARP_SPEC: tl.constexpr,  # warp-specialise the unmasked key loop (non-causal, no dropout: see the launcher)
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per streamed tile
     BLOCK_D: tl.constexpr,  # head-dim lanes, a power of two >= D
@@ -372,16 +394,30 @@ def attention_fwd_kernel(
     else:
         start_m, split, b, h = _program(tl.cdiv(max_seq_q, BLOCK_M), 1, n_heads, True)
         q_start, k_start, seq_q, seq_k = _seq_bounds(CuQ, CuK, b, max_seq_q, max_seq_k, IS_VARLEN)
-        if start_m * BLOCK_M >= seq_q:
-            return
+        if IS_VARLEN:  # dense grids cover the rows exactly (an early exit would also defeat warp specialisation)
+            if start_m * BLOCK_M >= seq_q:
+                return
         offs_m, m_ok, rows64 = _tile(start_m * BLOCK_M, q_start, seq_q, BLOCK_M)
         b64, h64, hk64, offs_d, d_ok = _head_ids(b, h, group, head_dim, BLOCK_D)
-        q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh, rows64, stride_qs, offs_d, m_ok, d_ok, False)
+        q_base = Q + b64 * stride_qb + h64 * stride_qh
+        if USE_TMA:  # (also what lets Triton 3.6 warp-specialise the key loop: a pointer load here defeats it)
+            q_desc = tl.make_tensor_descriptor(q_base + q_start * stride_qs, [seq_q, head_dim], [stride_qs, 1],
+                                               [BLOCK_M, BLOCK_D])  # fmt: skip
+            q = q_desc.load([start_m * BLOCK_M, 0])
+        else:
+            q = _load_rows(q_base, rows64, stride_qs, offs_d, m_ok, d_ok, False)
         # flat lse index of each row; also the dropout row id
         lse_rows = b64 * stride_lb + h64 * stride_lh + rows64
         q_first = start_m * BLOCK_M
-    k_base = K + b64 * stride_kb + hk64 * stride_kh + k_start * stride_ks
-    v_base = V + b64 * stride_vb + hk64 * stride_vh + k_start * stride_vs
+    k_src = K + b64 * stride_kb + hk64 * stride_kh + k_start * stride_ks
+    v_src = V + b64 * stride_vb + hk64 * stride_vh + k_start * stride_vs
+    if USE_TMA:
+        # one descriptor per sequence and kv head: its bounds are the sequence's keys and D, so the hardware
+        # zero-fills what the pointer path masks, and a tile never reads a neighbouring sequence or head (a
+        # sequence with no key loads nothing, but a descriptor needs a non-empty extent)
+        n_keys = tl.maximum(seq_k, 1)
+        k_src = tl.make_tensor_descriptor(k_src, [n_keys, head_dim], [stride_ks, 1], [BLOCK_N, BLOCK_D])
+        v_src = tl.make_tensor_descriptor(v_src, [n_keys, head_dim], [stride_vs, 1], [BLOCK_N, BLOCK_D])
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -407,13 +443,14 @@ def attention_fwd_kernel(
     mid = tl.minimum(tl.maximum(_unmasked_end(seq_k, q_first + causal_off, IS_CAUSAL, BLOCK_N), lo), hi)
     # fmt: off
     acc, l_i, m_i = _fwd_key_tiles(
-        acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, Mask, stride_mb, stride_mk, b64, offs_m, offs_d, d_ok,
+        acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, Mask, stride_mb, stride_mk, b64, offs_m, offs_d, d_ok,
         seq_k, causal_off, qk_scale, seed, thresh, keep_scale, drop_stride, lse_rows, lo, mid,
-        False, IS_CAUSAL, HAS_MASK, HAS_DROPOUT, BLOCK_N, DOT_PREC)
-    acc, l_i, m_i = _fwd_key_tiles(
-        acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, Mask, stride_mb, stride_mk, b64, offs_m, offs_d, d_ok,
-        seq_k, causal_off, qk_scale, seed, thresh, keep_scale, drop_stride, lse_rows, mid, hi,
-        True, IS_CAUSAL, HAS_MASK, HAS_DROPOUT, BLOCK_N, DOT_PREC)
+        False, IS_CAUSAL, HAS_MASK, HAS_DROPOUT, USE_TMA, WARP_SPEC, BLOCK_N, DOT_PREC)
+    if not WARP_SPEC:  # (Triton 3.6 cannot warp-specialise a loop whose results feed another loop)
+        acc, l_i, m_i = _fwd_key_tiles(
+            acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, Mask, stride_mb, stride_mk, b64, offs_m, offs_d,
+            d_ok, seq_k, causal_off, qk_scale, seed, thresh, keep_scale, drop_stride, lse_rows, mid, hi,
+            True, IS_CAUSAL, HAS_MASK, HAS_DROPOUT, USE_TMA, False, BLOCK_N, DOT_PREC)
     # fmt: on
 
     empty = l_i == 0.0
@@ -443,10 +480,12 @@ def attention_fwd_combine_kernel(
     max_seq_q,  # Sq (split-KV is dense only)
     head_dim,  # D
     BLOCK_M: tl.constexpr,  # rows per program
-    BLOCK_D: tl.constexpr,  # head-dim lanes, a power of two >= D
+    BLOCK_D: tl.constexpr,  # head-dim lanes per program (program_id(1) picks the chunk of D); a power of two
 ):
+    # programs tile (rows, D chunks) so that even one decoding step's few rows spread over the whole GPU; every
+    # chunk recomputes its rows' weights from the split lse (n_split loads), the chunk of D 0 stores the lse
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     r_ok = rows < n_rows
     ld = r_ok[:, None] & (offs_d < head_dim)[None, :]
     rows64 = rows.to(tl.int64)
@@ -473,7 +512,7 @@ def attention_fwd_combine_kernel(
     bh = rows64 // max_seq_q
     o_ptrs = Out + (bh // n_heads) * stride_ob + (bh % n_heads) * stride_oh + i * stride_os
     tl.store(o_ptrs[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty), mask=ld)
-    tl.store(Lse + rows64, lse, mask=r_ok)
+    tl.store(Lse + rows64, lse, mask=r_ok & (tl.program_id(1) == 0))
 
 
 @triton.jit
@@ -530,6 +569,10 @@ def attention_bwd_dkdv_kernel(
     stride_dvb,  # DV batch stride
     stride_dvs,  # DV token stride
     stride_dvh,  # DV head stride
+    DQ,  # ATOMIC_DQ: fp32 q-shaped, zeroed by the launcher; gets dS K (unscaled) added atomically; else unused
+    stride_dqb,  # DQ batch stride
+    stride_dqs,  # DQ token stride
+    stride_dqh,  # DQ head stride
     Q,  # forward queries, streamed in BLOCK_M tiles for every head of the kv head's group
     stride_qb,  # Q batch stride
     stride_qs,  # Q token stride
@@ -562,6 +605,7 @@ def attention_bwd_dkdv_kernel(
     HAS_MASK: tl.constexpr,  # apply Mask
     IS_VARLEN: tl.constexpr,  # packed sequences bounded by CuQ/CuK
     HAS_DROPOUT: tl.constexpr,  # regenerate the forward's dropout decisions
+    ATOMIC_DQ: tl.constexpr,  # also add each visited query tile's dQ share into DQ (no dQ kernel; not deterministic)
     BLOCK_M: tl.constexpr,  # query rows per streamed tile
     BLOCK_N: tl.constexpr,  # keys per program
     BLOCK_D: tl.constexpr,  # head-dim lanes, a power of two >= D
@@ -578,10 +622,13 @@ def attention_bwd_dkdv_kernel(
     d_ok = offs_d < head_dim
     k = _load_rows(K + b64 * stride_kb + hk64 * stride_kh, cols64, stride_ks, offs_d, n_ok, d_ok, False)
     v = _load_rows(V + b64 * stride_vb + hk64 * stride_vh, cols64, stride_vs, offs_d, n_ok, d_ok, False)
-    # keys past the sequence produce rows of dK/dV that are never stored, so only real masks are applied
+    # keys past the sequence produce rows of dK/dV that are never stored, so only real masks are applied. With
+    # ATOMIC_DQ their P also enters dQ: their k rows are 0, but exp2(0 - lse) overflows to inf for a row whose
+    # scores are all very negative, and inf * 0 is NaN, so a tile that crosses the sequence end masks them too
     key_ok = n_ok
     if HAS_MASK:
         key_ok = n_ok & _key_on(Mask, b64, offs_n.to(tl.int64), stride_mb, stride_mk, n_ok)
+    tail = start_n * BLOCK_N + BLOCK_N > seq_k
     qk_scale = sm_scale * _LOG2E
     causal_off = seq_k - seq_q
     lo = 0
@@ -597,6 +644,7 @@ def attention_bwd_dkdv_kernel(
         q_base = Q + b64 * stride_qb + h64 * stride_qh
         do_base = DO + b64 * stride_db + h64 * stride_dh
         l_base = b64 * stride_lb + h64 * stride_lh
+        dq_base = DQ + b64 * stride_dqb + h64 * stride_dqh
         for start_m in range(lo, seq_q, BLOCK_M):
             rows, m_ok, rows64 = _tile(start_m, q_start, seq_q, BLOCK_M)
             q, do, lse, delta = _load_q_side(
@@ -606,6 +654,9 @@ def attention_bwd_dkdv_kernel(
             pt = tl.math.exp2(st * qk_scale - lse[None, :])
             if HAS_MASK:
                 pt = tl.where(key_ok[:, None], pt, 0.0)
+            elif ATOMIC_DQ:
+                if tail:
+                    pt = tl.where(key_ok[:, None], pt, 0.0)
             if IS_CAUSAL:
                 # only query tiles that start before the last key of this tile is visible cross the diagonal
                 if start_m < diag_end:
@@ -618,8 +669,20 @@ def attention_bwd_dkdv_kernel(
                 dpt = tl.where(keep, dpt * keep_scale, 0.0)
             else:
                 dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
+            dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+            dk += tl.dot(dst, q, input_precision=DOT_PREC)
+            if ATOMIC_DQ:
+                # this key tile's share of the rows' dQ = dS K (the fifth matmul), summed over the kv programs in
+                # fp32; relaxed: only the sum matters, and the launcher reads it after the kernel ends. wgmma needs
+                # 64 rows in its first operand, so the product is formed with the longer of BLOCK_D and BLOCK_M there
+                if BLOCK_D >= BLOCK_M:
+                    dqt = tl.dot(tl.trans(k), dst, input_precision=DOT_PREC)  # (BLOCK_D, BLOCK_M) = dQ transposed
+                    dq_ptrs = dq_base + rows64[None, :] * stride_dqs + offs_d[:, None]
+                    tl.atomic_add(dq_ptrs, dqt, mask=m_ok[None, :] & d_ok[:, None], sem="relaxed")
+                else:
+                    dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PREC)
+                    dq_ptrs = dq_base + rows64[:, None] * stride_dqs + offs_d[None, :]
+                    tl.atomic_add(dq_ptrs, dq, mask=m_ok[:, None] & d_ok[None, :], sem="relaxed")
     dk = dk * sm_scale
     _store_rows(DK + b64 * stride_dkb + hk64 * stride_dkh, dk, cols64, stride_dks, offs_d, n_ok, d_ok)
     _store_rows(DV + b64 * stride_dvb + hk64 * stride_dvh, dv, cols64, stride_dvs, offs_d, n_ok, d_ok)

@@ -1,12 +1,15 @@
 """Fused attention vs a float64 reference (flash-attn's 2x rule), forward and every gradient.
 
 On CPU the triton backend runs in Triton's interpreter, so shapes are small and the combinations are a
-covering set rather than a cross product. bf16, long sequences, determinism and the cuda backend are
-marked gpu.
+covering set rather than a cross product. The Triton backward has two modes: the default adds dQ with atomics
+(5 matmuls), ``torch.use_deterministic_algorithms(True)`` selects the deterministic kernels (7 matmuls); tests
+that use the ``bwd_mode`` fixture run in both, the others in the default. bf16, long sequences, run-to-run
+reproducibility on the GPU and the cuda backend are marked gpu.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -33,6 +36,24 @@ def _rand(*shape, dtype=torch.float32, grad=True):
 
 def _grads(out, tensors, g):
     return torch.autograd.grad(out, tensors, g)
+
+
+@contextlib.contextmanager
+def _deterministic(on: bool):
+    """``torch.use_deterministic_algorithms(on)`` inside the block, the caller's setting restored after."""
+    saved = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+
+
+@pytest.fixture(params=["atomic", "deterministic"])
+def bwd_mode(request):
+    """Run the test in each backward mode of the Triton backend."""
+    with _deterministic(request.param == "deterministic"):
+        yield request.param
 
 
 def _check(q, k, v, g=None, dtype_atol=None, backend=FUSED, **kw):
@@ -81,6 +102,93 @@ def test_forward_backward(b, sq, sk, h, hkv, d, causal, dtype):
     _check(q, k, v, causal=causal)
 
 
+# (batch, seqlen_q, seqlen_k, heads, kv_heads, headdim, causal, padding mask kind, dtype) for both backward modes:
+# seqlens 1, 17 and 97, head dims 40 and 80 (and 16, whose atomic dQ tile is formed untransposed), GQA, causal
+# rows that see no key (Sq > Sk) and a batch row whose keys are all masked
+MODE_CASES = [
+    (2, 1, 1, 4, 2, 40, False, None, torch.float32),
+    (2, 17, 17, 4, 1, 80, True, "full_row", torch.float16),
+    (1, 97, 97, 2, 2, 40, True, None, torch.float16),
+    (2, 97, 17, 2, 1, 80, True, "full_row", torch.float32),
+    (2, 17, 97, 4, 2, 16, False, "random", torch.float16),
+]
+
+
+@pytest.mark.usefixtures("bwd_mode")
+@pytest.mark.parametrize("b,sq,sk,h,hkv,d,causal,mask_kind,dtype", MODE_CASES)
+def test_backward_modes(b, sq, sk, h, hkv, d, causal, mask_kind, dtype):
+    q = _rand(b, sq, h, d, dtype=dtype)
+    k, v = _rand(b, sk, hkv, d, dtype=dtype), _rand(b, sk, hkv, d, dtype=dtype)
+    m = None if mask_kind is None else _padding_mask(mask_kind, b, sk)
+    _, grads = _check(q, k, v, causal=causal, key_padding_mask=m)
+    if mask_kind == "full_row":
+        assert grads[0][1].abs().max() == 0
+
+
+@pytest.mark.usefixtures("bwd_mode")
+# the interpreter's numpy warnings for the inf and NaN the kernels compute in lanes that are masked or never stored
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
+def test_backward_scores_far_below_zero():
+    """Every score about -200: for the zero K rows past the sequence's end exp(s - lse) overflows to inf, which
+    must stay out of dQ (as inf * 0 = NaN)."""
+    b, s, h, d = 2, 17, 2, 16
+    axis = torch.zeros(d, device=DEVICE)
+    axis[0] = 1.0
+    q = (20 * axis + 0.1 * torch.randn(b, s, h, d, device=DEVICE)).requires_grad_()
+    k = (-40 * axis + 0.1 * torch.randn(b, s, h, d, device=DEVICE)).requires_grad_()
+    _check(q, k, _rand(b, s, h, d))  # (causal would mask those keys anyway)
+
+
+def _launch_log(monkeypatch) -> list[tuple[str, bool | None]]:
+    """Record (kind, ATOMIC_DQ) of every launch made through triton_tuning.kernel, then launch it."""
+    from fastformer.ops.attention import triton_tuning
+
+    log, real = [], triton_tuning.kernel
+
+    class Launcher:
+        def __init__(self, kind):
+            self.kind, self.fn = kind, real(kind)
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                log.append((self.kind, kwargs.get("ATOMIC_DQ")))
+                return self.fn[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(triton_tuning, "kernel", Launcher)
+    return log
+
+
+def test_backward_mode_selects_the_kernels(bwd_mode, monkeypatch):
+    log = _launch_log(monkeypatch)
+    q, k, v = _rand(2, 9, 4, 16), _rand(2, 11, 2, 16), _rand(2, 11, 2, 16)
+    out = fastformer.attention(q, k, v, causal=True, backend=FUSED)
+    _grads(out, (q, k, v), torch.randn_like(out))
+    backward = [entry for entry in log if entry[0] != "fwd"]
+    if bwd_mode == "atomic":  # the dK/dV programs also produce dQ: no dQ kernel
+        assert backward == [("dkdv_atomic", True)]
+    else:
+        assert backward == [("dkdv", False), ("dq", None)]
+
+
+def test_deterministic_backward_is_bitwise_reproducible():
+    q = _rand(2, 40, 2, 40, dtype=torch.float16)
+    k, v = _rand(2, 40, 1, 40, dtype=torch.float16), _rand(2, 40, 1, 40, dtype=torch.float16)
+    m = _padding_mask("random", 2, 40)
+    g = torch.randn(2, 40, 2, 40, dtype=torch.float16, device=DEVICE)
+
+    def run():
+        torch.manual_seed(3)
+        out = fastformer.attention(q, k, v, causal=True, key_padding_mask=m, dropout_p=0.2, backend=FUSED)
+        return (out, *_grads(out, (q, k, v), g))
+
+    with _deterministic(True):
+        first, second = run(), run()
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
 def _padding_mask(kind: str, b: int, s: int) -> torch.Tensor:
     if kind == "random":
         m = torch.rand(b, s, device=DEVICE) > 0.5
@@ -121,6 +229,7 @@ def test_padding_mask(kind, sq, sk, hkv, d, causal, dtype, int_mask):
         assert grads[0][1].abs().max() == 0
 
 
+@pytest.mark.usefixtures("bwd_mode")
 def test_noncontiguous_packed_qkv_and_grad():
     b, s, h, d = 2, 45, 4, 40
     qkv = _rand(b, s, 3, h, d)
@@ -154,6 +263,7 @@ def _varlen_case(lens_q, lens_k, h, hkv, d, dtype):
         ([3, 50, 20], [10, 33, 20], 2, 96, True, torch.float32),
     ],
 )
+@pytest.mark.usefixtures("bwd_mode")
 def test_varlen(lens_q, lens_k, hkv, d, causal, dtype):
     h = 4
     q, k, v, cu_q, cu_k = _varlen_case(lens_q, lens_k, h, hkv, d, dtype)
@@ -251,6 +361,7 @@ def test_dropout_reproducible_and_p0_exact():
 
 
 @pytest.mark.parametrize("causal,hkv,dtype", [(True, 1, torch.float32), (False, 2, torch.float16)])
+@pytest.mark.usefixtures("bwd_mode")
 def test_dropout_gradients(causal, hkv, dtype):
     b, s, h, d, p = 2, 40, 2, 40, 0.25
     q, k, v = _rand(b, s, h, d, dtype=dtype), _rand(b, s, hkv, d, dtype=dtype), _rand(b, s, hkv, d, dtype=dtype)
@@ -273,6 +384,7 @@ def test_dropout_gradients(causal, hkv, dtype):
         assert_close_2x(name, a, r, pp)
 
 
+@pytest.mark.usefixtures("bwd_mode")
 def test_dropout_varlen_matches_torch_backend():
     q, k, v, cu_q, cu_k = _varlen_case([7, 30, 12], [9, 30, 4], 4, 2, 32, torch.float32)
     res = {}
@@ -286,6 +398,60 @@ def test_dropout_varlen_matches_torch_backend():
     seed = int(_dropout.new_seed(0.4))
     rows = varlen_dropout_rows(4, q.shape[0], 7, 30, DEVICE)
     assert rows[0, 1, 0] == 1 * q.shape[0] + 7 and _dropout.keep_mask(seed, rows, 30, 0.4).shape == (1, 4, 30, 30)
+
+
+# --- forward operand paths: tensor descriptors (TMA) or pointers, warp-specialised loop or two loops
+
+
+def _fwd_path(q, k, v, causal=False, key_padding_mask=None) -> tuple[bool, bool]:
+    """(USE_TMA, WARP_SPEC): how the Triton forward will read its operands and shape its key loop."""
+    from fastformer.ops.attention import triton_impl, triton_tuning
+
+    sq, sk, d = q.shape[1], k.shape[1], q.shape[-1]
+    a = AttentionArgs(q, k, v, key_padding_mask, None, None, None, sq, sk, causal, d**-0.5, 0.0, FUSED)
+    tma = triton_impl._use_tma(a)
+    return tma, triton_tuning.warp_spec_ok(a, tma)
+
+
+@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize(
+    "sq,sk,hkv,d,causal,masked,dtype,ws",
+    [
+        (17, 256, 2, 40, False, False, torch.float32, True),  # one unmasked, warp-specialised loop
+        (33, 128, 1, 64, False, False, torch.float16, True),
+        (97, 129, 2, 80, False, False, torch.float16, False),  # keys not a multiple of 128: a masked edge tile
+        (40, 256, 2, 96, True, False, torch.float32, False),
+        (33, 128, 2, 32, False, True, torch.float32, False),  # a batch row with no visible key
+    ],
+)
+def test_forward_operand_paths(sq, sk, hkv, d, causal, masked, dtype, ws, tma, monkeypatch):
+    from fastformer import utils
+
+    if tma and not utils.tma_capable(torch.device(DEVICE)):
+        pytest.skip("tensor descriptors need sm_90 or the interpreter")
+    if not tma:
+        monkeypatch.setattr(utils, "tma_capable", lambda _device: False)
+    b, h = 2, 4
+    q = _rand(b, sq, h, d, dtype=dtype)
+    k, v = _rand(b, sk, hkv, d, dtype=dtype), _rand(b, sk, hkv, d, dtype=dtype)
+    m = _padding_mask("full_row", b, sk) if masked else None
+    assert _fwd_path(q, k, v, causal, m) == (tma, ws and tma)
+    out, _ = _check(q, k, v, causal=causal, key_padding_mask=m)
+    if masked:
+        assert out[1].abs().max() == 0
+
+
+def test_forward_unaligned_operands_use_pointers():
+    # tokens 49 fp16 elements (98 bytes) apart break TMA's 16-byte stride rule; a view one element into its
+    # storage breaks the 16-byte base alignment: both take the pointer path, with the same results
+    rows = _rand(3, 2, 33, 2 * 24 + 1, dtype=torch.float16, grad=False)
+    q, k, v = (t[..., :48].unflatten(-1, (2, 24)).requires_grad_() for t in rows)
+    assert _fwd_path(q, k, v) == (False, False)
+    _check(q, k, v)
+    flat = torch.randn(3 * 2 * 33 * 2 * 32 + 1, device=DEVICE)
+    q, k, v = (t.view(2, 33, 2, 32).detach().requires_grad_() for t in flat[1:].chunk(3))
+    assert _fwd_path(q, k, v) == (False, False)
+    _check(q, k, v, causal=True)
 
 
 # --- split-KV decode
@@ -563,18 +729,25 @@ def test_gpu_bf16(b, sq, sk, h, hkv, d, causal, dtype):
 
 @gpu
 def test_gpu_deterministic():
+    """Under torch.use_deterministic_algorithms(True) reruns are bitwise equal; the default mode, whose dQ sums
+    its fp32 parts atomically in a varying order, agrees with them to rounding."""
     q, k, v = (_rand(2, 1000, 8, 128, dtype=torch.bfloat16) for _ in range(3))
     kk, vv = k[:, :, :2], v[:, :, :2]
 
     def run():
+        torch.manual_seed(3)
         out = fastformer.attention(q, kk, vv, causal=True, dropout_p=0.1, backend=FUSED)
         return (out, *_grads(out, (q, k, v), torch.ones_like(out)))
 
-    torch.manual_seed(3)
-    first = run()
-    for _ in range(20):
-        torch.manual_seed(3)
-        assert all(torch.equal(a, b) for a, b in zip(first, run(), strict=True))
+    with _deterministic(True):
+        first = run()
+        for _ in range(20):
+            assert all(torch.equal(a, b) for a, b in zip(first, run(), strict=True))
+    with _deterministic(False):
+        atomic = run()
+    assert torch.equal(atomic[0], first[0])  # the forward is the same in both modes
+    for a, r in zip(atomic[1:], first[1:], strict=True):
+        torch.testing.assert_close(a.float(), r.float(), atol=2e-2, rtol=2e-2)
 
 
 @gpu
@@ -630,14 +803,21 @@ def test_gpu_decode_split_kv(sk, h, hkv):
 
 
 @gpu
-def test_gpu_int64_offsets():
+def test_gpu_int64_offsets(bwd_mode):
     """q's second batch starts past 2**31 elements: int32 pointer math would read the wrong memory."""
     h, d, s = 2, 64, 256
     n = (1 << 31) // (h * d) + s
     big = torch.empty(2, n, h, d, device="cuda", dtype=torch.float16)
     big[:, -s:].normal_()
-    q = big[:, -s:]  # batch stride > 2**31 elements
-    k, v = (torch.randn(2, s, h, d, device="cuda", dtype=torch.float16) for _ in range(2))
+    q = big[:, -s:].requires_grad_()  # batch stride > 2**31 elements
+    k, v = (_rand(2, s, h, d, dtype=torch.float16) for _ in range(2))
+    qc = q.detach().contiguous().requires_grad_()
     out = fastformer.attention(q, k, v, causal=True, backend=FUSED)
-    ref = fastformer.attention(q.contiguous(), k, v, causal=True, backend=FUSED)
+    ref = fastformer.attention(qc, k, v, causal=True, backend=FUSED)
     assert torch.equal(out, ref)
+    g = torch.randn_like(out)
+    for a, r in zip(_grads(out, (q, k, v), g), _grads(ref, (qc, k, v), g), strict=True):
+        if bwd_mode == "deterministic":
+            assert torch.equal(a, r)
+        else:  # the order of dQ's atomic fp32 sums varies
+            torch.testing.assert_close(a, r, atol=1e-3, rtol=1e-3)

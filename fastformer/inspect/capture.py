@@ -4,7 +4,8 @@ The backend modules (``fastformer/ops/<op>/triton_impl.py``) are called on CPU t
 strides and dtypes while the device is faked (SM count, opt-in shared memory) and Triton's ``JITFunction.run``
 and ``Autotuner.run`` only record what they were asked to launch. An autotuned launch is expanded over every
 candidate config of that launch, each marked ``tried`` or ``pruned`` by the launcher's own prune hook; a launch
-with ``FASTFORMER_AUTOTUNE=0`` records the heuristic default config the launcher would run.
+with ``FASTFORMER_AUTOTUNE=0`` records the heuristic default config the launcher would run. Attention's backward
+is recorded in both of its modes, deterministic and atomic dQ (its dK/dV rows show ``ATOMIC_DQ``).
 """
 
 from __future__ import annotations
@@ -96,6 +97,18 @@ def _seed() -> torch.Tensor:
     return torch.tensor(0x1234_5678_9ABC, dtype=torch.int64)
 
 
+def _both_backwards(run: Callable[[], None]) -> None:
+    """``run`` (a backward) twice: under ``torch.use_deterministic_algorithms(True)`` (the 7-matmul kernels) and
+    without it (the 5-matmul atomic-dQ mode), restoring the caller's setting."""
+    saved = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        for deterministic in (True, False):
+            torch.use_deterministic_algorithms(deterministic)
+            run()
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+
+
 def _attention(b: int, s: int, h: int, hkv: int, d: int, causal: bool, mask=False, p=0.0, sq=None, bwd=True):
     from fastformer.ops.attention.op import AttentionArgs
 
@@ -105,7 +118,7 @@ def _attention(b: int, s: int, h: int, hkv: int, d: int, causal: bool, mask=Fals
     a = AttentionArgs(q, k, v, m, None, None, _seed() if p else None, sq, s, causal, d**-0.5, p, "triton")
     out, lse = a.impl().fwd(a)
     if bwd:
-        a.impl().bwd(a, _t(b, sq, h, d), out, lse)
+        _both_backwards(lambda: a.impl().bwd(a, _t(b, sq, h, d), out, lse))
 
 
 def _attention_varlen(lens: list[int], h: int, d: int, p: float = 0.0):
@@ -117,7 +130,7 @@ def _attention_varlen(lens: list[int], h: int, d: int, p: float = 0.0):
     n = max(lens)
     a = AttentionArgs(q, k, v, None, cu, cu, _seed() if p else None, n, n, False, d**-0.5, p, "triton")
     out, lse = a.impl().fwd(a)
-    a.impl().bwd(a, _t(total, h, d), out, lse)
+    _both_backwards(lambda: a.impl().bwd(a, _t(total, h, d), out, lse))
 
 
 def _ffn(m: int, d: int, d_ff: int, p: float, second_layer: bool = True):
@@ -176,6 +189,8 @@ def capture(arch: int, scenarios: dict[str, Callable[[], None]] | None = None) -
                     kw = dict(kwargs, **(cfg.all_kwargs() if cfg is not None else {}))
                     status = "default" if cfg is None else "pruned" if pruned else "tried"
                     bound = {**dict(zip(fn.arg_names, args, strict=False)), **kw}
-                    shown = {k: v for k, v in kw.items() if k.startswith("BLOCK") or k.startswith("num_")}
+                    # the tiles, warps and stages of the row, and which mode of a kernel that has two
+                    prefixes = ("ATOMIC", "WARP_SPEC", "BLOCK", "NUM_", "num_")
+                    shown = {k: v for k, v in kw.items() if k.startswith(prefixes)}
                     launches.append(Launch(name, fn, args, kw, _grid(grid, bound), status, shown))
     return launches

@@ -21,10 +21,15 @@ Conventions shared by every backend:
   matrix with row length ``n = Sk`` (dense) or ``max_seqlen_k`` (varlen): word j % 4 of the Philox call at counter
   ``r * ceil(n / 4) + j // 4``, so Triton, CUDA C++ and torch drop the same elements for the same seed. Kept
   probabilities are scaled by 1/(1-p).
-- Backward uses no atomics (each dK/dV tile has one owner that loops over its GQA group), so every backend is
-  deterministic: reruns are bitwise equal, and there is no separate ``deterministic`` switch.
+- Backward: each dK/dV tile has one owner that loops over its GQA group, so dK and dV need no atomics. The Triton
+  backend's dQ follows ``torch.are_deterministic_algorithms_enabled()``: off (the default), the dK/dV program also
+  adds its share of dQ into an fp32 buffer atomically (5 matmuls per tile pair, the last bits of dQ may vary);
+  on, a separate dQ kernel recomputes the scores (7 matmuls) and reruns are bitwise equal. The torch and cuda
+  backends are deterministic either way.
 - Triton forward with few query rows (<= 16, e.g. decoding with a KV cache) and long keys splits the keys
   across programs (split-KV) and combines the partial results; the output and lse are those of the plain path.
+  On sm_90 the forward reads Q/K/V through tensor descriptors (TMA) when their strides allow it, and warp-
+  specialises its key loop for plain non-causal problems (``triton_tuning.warp_spec_ok``).
 - On GPU the Triton kernels are autotuned per (head dim, seqlen bucket, flags); ``FASTFORMER_AUTOTUNE=0`` uses
   one heuristic config per kernel instead.
 """

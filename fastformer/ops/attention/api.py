@@ -97,6 +97,11 @@ def attention(
 
     Returns:
         (B, Sq, H, D) in q's dtype. Rows that see no key are 0 (and get zero gradient).
+
+    Determinism: the Triton backward adds each key tile's share of dq into an fp32 buffer with atomics
+    (FlashAttention-2's 5 matmuls), so dq's last bits may vary between runs; under
+    ``torch.use_deterministic_algorithms(True)`` it runs a separate dq pass instead (7 matmuls, slower) and every
+    gradient is bitwise reproducible. The same holds for :func:`attention_varlen`.
     """
     q, k, v = utils.autocast_args(q, k, v)
     _check_qkv(q, k, v, rank=4)
@@ -171,6 +176,8 @@ def attention_varlen(
 
     Returns:
         (total_q, H, D); rows past cu_seqlens_q[-1] are 0.
+
+    Determinism of the backward: as in :func:`attention`.
     """
     q, k, v = utils.autocast_args(q, k, v)
     _check_qkv(q, k, v, rank=3)

@@ -47,6 +47,15 @@ def _flags(a: AttentionArgs) -> dict:
     )
 
 
+def _use_tma(a: AttentionArgs) -> bool:
+    """Whether the forward streams K/V through tensor descriptors: sm_90+ (or the interpreter) and K/V laid out
+    as TMA requires (see ``utils.tma_aligned``); the descriptors need a scratch allocator on the GPU."""
+    if not (utils.tma_capable(a.q.device) and utils.tma_aligned(a.q, a.k, a.v)):
+        return False
+    utils.ensure_tma_allocator()
+    return True
+
+
 def fwd(a: AttentionArgs) -> tuple[Tensor, Tensor]:
     a = a.lastdim()
     q = a.q
@@ -59,14 +68,16 @@ def fwd(a: AttentionArgs) -> tuple[Tensor, Tensor]:
     if a.no_rows:
         return out, lse.fill_(float("inf"))
     head, tail, flags = _with_strides(a, q, a.k, a.v), _tail(a, a.scale * _LOG2E), _flags(a)
-    n_split = tuning.num_splits(a, q.device)
+    use_tma, n_split = _use_tma(a), tuning.num_splits(a, q.device)
+    # the split-KV forward gathers its query rows with pointers, which warp specialisation cannot take
+    flags.update(USE_TMA=use_tma, WARP_SPEC=n_split == 1 and tuning.warp_spec_ok(a, use_tma))
     if n_split > 1:
         return _fwd_split(a, n_split, head, tail, flags, out, lse)
 
     def grid(meta):
         return (utils.cdiv(a.sq, meta["BLOCK_M"]) * a.batch * a.h,)
 
-    meta = tuning.launch_meta("fwd", a, flags["BLOCK_D"])
+    meta = tuning.launch_meta("fwd", a, flags["BLOCK_D"], flags["WARP_SPEC"])
     tuning.kernel("fwd")[grid](
         *head, *_with_strides(a, out), lse, *a.lse_strides(), *tail, 128, 0, 0, IS_SPLIT=False, **flags, **meta
     )
@@ -86,9 +97,10 @@ def _fwd_split(a: AttentionArgs, n_split: int, head: tuple, tail: tuple, flags: 
     # one program per (batch, kv head, split, tile of the group * Sq rows (query head, position))
     grid = (utils.cdiv(a.group * a.sq, meta["BLOCK_M"]) * n_split * a.batch * a.hkv,)
     attention_fwd_kernel[grid](*head, *parts, *tail, split_len, rows * a.d, rows, IS_SPLIT=True, **flags, **meta)
-    block_r = 16
+    block_r, block_d = tuning.combine_tiles(rows, flags["BLOCK_D"], out.device)
     combine = (o_part, l_part, *_with_strides(a, out), lse, n_split, rows, a.h, a.sq, a.d)
-    attention_fwd_combine_kernel[(utils.cdiv(rows, block_r),)](*combine, BLOCK_M=block_r, BLOCK_D=flags["BLOCK_D"])
+    grid = (utils.cdiv(rows, block_r), utils.cdiv(a.d, block_d))
+    attention_fwd_combine_kernel[grid](*combine, BLOCK_M=block_r, BLOCK_D=block_d)
     return out, lse
 
 
@@ -115,7 +127,16 @@ def bwd(a: AttentionArgs, dout: Tensor, out: Tensor, lse: Tensor) -> tuple[Tenso
         return (utils.cdiv(a.sq, meta["BLOCK_M"]) * a.batch * a.h,)
 
     kv_side, q_side = _with_strides(a, a.k, a.v), _with_strides(a, a.q, dout)
-    dkdv_meta, dq_meta = (tuning.launch_meta(kind, a, bd) for kind in ("dkdv", "dq"))
-    tuning.kernel("dkdv")[grid_kv](*kv_side, *_with_strides(a, dk, dv), *q_side, *stats, *tail, **flags, **dkdv_meta)
+    if not torch.are_deterministic_algorithms_enabled():
+        # 5 matmuls: the dK/dV programs also add dS K into an fp32 dQ (atomics, so the sum's order varies)
+        dq_acc = torch.zeros(a.q.shape, dtype=torch.float32, device=a.q.device)
+        dkdv = (*kv_side, *_with_strides(a, dk, dv, dq_acc), *q_side, *stats, *tail)
+        meta = tuning.launch_meta("dkdv_atomic", a, bd)
+        tuning.kernel("dkdv_atomic")[grid_kv](*dkdv, ATOMIC_DQ=True, **flags, **meta)
+        return torch.mul(dq_acc, a.scale, out=dq), dk, dv
+    # deterministic, 7 matmuls: the dK/dV programs, then dQ programs that recompute S and dP (dq is not read here)
+    dkdv = (*kv_side, *_with_strides(a, dk, dv, dq), *q_side, *stats, *tail)
+    tuning.kernel("dkdv")[grid_kv](*dkdv, ATOMIC_DQ=False, **flags, **tuning.launch_meta("dkdv", a, bd))
+    dq_meta = tuning.launch_meta("dq", a, bd)
     tuning.kernel("dq")[grid_q](*q_side, *_with_strides(a, dq), *stats, *kv_side, *tail, **flags, **dq_meta)
     return dq, dk, dv
