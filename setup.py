@@ -52,6 +52,8 @@ setup(
         "fastformer.ops.layer_norm",
         "fastformer.nn",
         "fastformer.models",
+        "fastformer.hf",
+        "fastformer.inspect",
         "fastformer.kernels",
         "fastformer.csrc",
         "fastformer.benchmarks",

@@ -30,7 +30,7 @@ step install 60 env FASTFORMER_BUILD_CUDA=0 $PY -m pip install --no-deps --no-bu
 step build 150 env MAX_JOBS=16 $PY -m fastformer._build -v
 step gpu_tests 180 $PY -m pytest tests -m gpu -q --maxfail=10 -p no:cacheprovider --junitxml="$LOG/gpu_tests.xml"
 step sanitizer 90 compute-sanitizer --tool memcheck --error-exitcode 9 $PY benchmarks/sanitize.py
-for b in layer_norm attention ffn models; do
+for b in layer_norm attention ffn models hf; do
   step "bench_$b" 75 $PY -m fastformer.cli bench "$b" --quick --json "$LOG/bench_$b.json"
 done
 if [ "${FULL:-0}" = 1 ]; then
@@ -39,7 +39,7 @@ fi
 
 summary() {
   echo "=== summary ($(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'))"
-  for k in env install build gpu_tests sanitizer bench_layer_norm bench_attention bench_ffn bench_models full_tests; do
+  for k in env install build gpu_tests sanitizer bench_layer_norm bench_attention bench_ffn bench_models bench_hf full_tests; do
     [ -n "${STATUS[$k]:-}" ] && printf '%-18s %s\n' "$k" "${STATUS[$k]}"
   done
   grep -h -E "passed|failed|error" "$LOG/gpu_tests.log" 2>/dev/null | tail -n 3

@@ -5,6 +5,8 @@ Public ops (each takes ``backend=`` or follows :func:`use_backend` / ``FASTFORME
 - ``layer_norm``, ``dropout_add_layer_norm``: LayerNorm, optionally fused with dropout and a residual add.
 - ``attention``, ``attention_varlen``, ``scaled_dot_product_attention``, ``unpad_input``, ``pad_input``.
 - ``linear``, ``feed_forward``: GEMM with a fused bias + activation epilogue, and the FFN block.
+- ``patch``, ``unpatch``, ``patch_gpt2``, ``patch_bert``: run ``transformers`` GPT-2 / BERT / RoBERTa on the fused ops
+  (:mod:`fastformer.hf`); ``attn_implementation="fastformer"`` works once ``fastformer`` is imported.
 
 Modules live in :mod:`fastformer.nn`, models in :mod:`fastformer.models`.
 """
@@ -26,6 +28,10 @@ __version__ = "0.1.0"
 
 # subpackages imported on first use
 _LAZY = {"nn": "fastformer.nn", "models": "fastformer.models"}
+# functions of fastformer.hf (imported by the hook below, without transformers), bound on first use
+_LAZY_ATTRS = {
+    name: "fastformer.hf" for name in ("patch", "unpatch", "patch_gpt2", "unpatch_gpt2", "patch_bert", "unpatch_bert")
+}
 
 __all__ = [
     "BACKENDS",
@@ -39,20 +45,40 @@ __all__ = [
     "layer_norm",
     "linear",
     "pad_input",
+    "patch",
+    "patch_bert",
+    "patch_gpt2",
     "scaled_dot_product_attention",
     "unpad_input",
+    "unpatch",
+    "unpatch_bert",
+    "unpatch_gpt2",
     "use_backend",
     *_LAZY,
 ]
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
+    if name in _LAZY_ATTRS:
+        value = getattr(importlib.import_module(_LAZY_ATTRS[name]), name)
+    elif name in _LAZY:
+        value = importlib.import_module(_LAZY[name])
+    else:
         raise AttributeError(f"module 'fastformer' has no attribute {name!r}")
-    module = importlib.import_module(_LAZY[name])
-    globals()[name] = module
-    return module
+    globals()[name] = value
+    return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_LAZY_ATTRS))
+
+
+def _install_hf_hook() -> None:
+    # attn_implementation="fastformer" must work right after `import fastformer`, yet importing transformers'
+    # modeling code takes seconds: register now with what is loaded, and hook the rest (no transformers import)
+    from fastformer.hf.register import install
+
+    install()
+
+
+_install_hf_hook()
