@@ -152,6 +152,119 @@ def _check_feed_forward_vs_float64(case):
         assert_close_2x(name, o, r, q)
 
 
+class _LaunchSpy:
+    """Stands in for a Triton kernel in its launcher: records each launch's constexpr flags, then launches it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.flags = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.flags.append({k: v for k, v in kwargs.items() if k.isupper()})
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.fixture
+def impl(monkeypatch):
+    """(fastformer.ops.ffn.triton_impl, spy on its linear_kernel, spy on its splitk_reduce_kernel), untuned so the
+    spied kernels are launched as they are (on a GPU too)."""
+    mod = importlib.import_module("fastformer.ops.ffn.triton_impl")
+    monkeypatch.setenv("FASTFORMER_AUTOTUNE", "0")
+    spy, reduce = _LaunchSpy(mod.linear_kernel), _LaunchSpy(mod.splitk_reduce_kernel)
+    monkeypatch.setattr(mod, "linear_kernel", spy)
+    monkeypatch.setattr(mod, "splitk_reduce_kernel", reduce)
+    return mod, spy, reduce
+
+
+def _gemm_vs_float64(mod, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """triton_impl.gemm (plain epilogue, with ``bias`` when given) against float64 by the 2x rule."""
+    c, _ = mod.gemm(a, b, a.dtype, bias)
+    ref64 = a.double() @ b.double() + (bias.double() if bias is not None else 0.0)
+    pt = a @ b + (bias if bias is not None else 0.0)
+    assert c.dtype == a.dtype and c.is_contiguous()
+    assert_close_2x("c", c, ref64, pt)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+def test_linear_tma_path_vs_float64(impl, dtype, layout):
+    # every operand's storage rows are whole multiples of 16 bytes, so every GEMM of forward and backward loads
+    # through tensor descriptors; M (the weight gradient's K) is prime, and the 15 output tiles of the forward
+    # outnumber the interpreter's 4 persistent programs, so each program loops over several tiles
+    _, spy, _ = impl
+    _run_linear_case(131, 72, 136, "gelu", True, dtype, layout, None, False, "triton")
+    assert len(spy.flags) == 3 and all(f["USE_TMA"] for f in spy.flags)
+    # the forward or dx reads the weight's transposed storage (B = W^T), dW the transposed input or gradient
+    assert [f["B_KMAJOR"] for f in spy.flags].count(True) == 1
+    assert [f["A_MMAJOR"] for f in spy.flags] == [False, False, True]
+
+
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """Same values and strides, at a base one element past a 16-byte boundary (which TMA cannot start from)."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind", ["misaligned base", "odd row stride", "no unit stride"])
+def test_gemm_pointer_fallback_vs_float64(impl, dtype, kind):
+    # B alone could go through TMA (the transposed view of an aligned (N, K) weight); A cannot, so neither does
+    mod, spy, _ = impl
+    k = 65 if kind == "odd row stride" else 64
+    a = torch.randn(37, k, device=DEVICE).to(dtype)
+    a = _misaligned(a) if kind == "misaligned base" else _noncontig(a) if kind == "no unit stride" else a
+    b = torch.randn(40, k, device=DEVICE).to(dtype).t()
+    _gemm_vs_float64(mod, a, b, torch.randn(40, device=DEVICE).to(dtype))
+    assert [f["USE_TMA"] for f in spy.flags] == [False]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("split", [3, 4])
+@pytest.mark.parametrize("operands", ["pointer", "tma"])
+def test_gemm_split_k_vs_float64(impl, monkeypatch, dtype, split, operands):
+    # K = 131 is 5 steps of 32: 3 slices of 2, 2, 1 steps, or 4 slices of which the last lies wholly past K
+    mod, spy, reduce = impl
+    monkeypatch.setattr(mod, "split_k", lambda _tiles, _sms, _k: split)
+    k = 131
+    if operands == "pointer":  # prime M and N: no row stride is a multiple of 16 bytes
+        a, b = torch.randn(37, k, device=DEVICE), torch.randn(k, 41, device=DEVICE)
+    else:  # a weight gradient's layout: A the transposed (tokens, M) gradient, K the odd token count
+        a, b = torch.randn(k, 40, device=DEVICE).t(), torch.randn(k, 72, device=DEVICE)
+    _gemm_vs_float64(mod, a.to(dtype), b.to(dtype))
+    assert [(f["SPLIT_K"], f["USE_TMA"]) for f in spy.flags] == [(split, operands == "tma")]
+    assert [f["SPLIT_K"] for f in reduce.flags] == [split]
+
+
+def test_linear_split_k_in_forward_and_backward(impl, monkeypatch):
+    # no bias and no activation: every GEMM is plain, so each one splits (dW over the 97 tokens)
+    mod, spy, reduce = impl
+    monkeypatch.setattr(mod, "split_k", lambda _tiles, _sms, _k: 2)
+    _run_linear_case(97, 40, 24, None, False, torch.float16, "in_out", None, False, "triton")
+    assert [f["SPLIT_K"] for f in spy.flags] == [2, 2, 2] and len(reduce.flags) == 3
+
+
+def test_split_k_policy():
+    split_k = importlib.import_module("fastformer.ops.ffn.triton_impl").split_k
+    # GPT-2 weight gradients (768x3072 outputs, K = 8192 tokens) on 132 SMs: 144 tiles of 128x128 or 72 of 128x256
+    assert split_k(144, 132, 8192) == 2 and split_k(72, 132, 8192) == 4
+    assert split_k(264, 132, 8192) == 1  # two waves already
+    assert split_k(144, 132, 1500) == 1  # too little K to share
+    assert split_k(1, 132, 1 << 20) == 16  # at most 16 slices
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_linear_tma_and_split_k_gpu(dtype):
+    # aligned GPT-2-sized operands (TMA on sm_90) whose weight gradients (3072x768, K = 4096 tokens) split K
+    for layout in ("out_in", "in_out"):
+        _run_linear_case(4096, 768, 3072, "gelu", True, dtype, layout, None, False, "triton")
+        _run_linear_case(4096, 768, 3072, None, False, dtype, layout, None, False, "triton")
+
+
 def test_gelu_exact_against_torch_and_transformers():
     from transformers.activations import NewGELUActivation
 

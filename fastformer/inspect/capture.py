@@ -190,7 +190,7 @@ def capture(arch: int, scenarios: dict[str, Callable[[], None]] | None = None) -
                     status = "default" if cfg is None else "pruned" if pruned else "tried"
                     bound = {**dict(zip(fn.arg_names, args, strict=False)), **kw}
                     # the tiles, warps and stages of the row, and which mode of a kernel that has two
-                    prefixes = ("ATOMIC", "WARP_SPEC", "BLOCK", "NUM_", "num_")
+                    prefixes = ("ATOMIC", "WARP_SPEC", "SPLIT_K", "BLOCK", "NUM_", "num_")
                     shown = {k: v for k, v in kw.items() if k.startswith(prefixes)}
                     launches.append(Launch(name, fn, args, kw, _grid(grid, bound), status, shown))
     return launches
