@@ -17,7 +17,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 FLOAT_ARGS = {"eps", "keep_scale", "scale", "sm_scale", "qk_scale", "drop_scale"}
-FP32_PTRS = {"MEAN", "RSTD", "DW", "DB", "Lse", "Delta", "OPart", "LPart"}
+FP32_PTRS = {"MEAN", "RSTD", "DW", "DB", "Lse", "Delta", "OPart", "LPart", "PART"}
 PTR_TYPES = {"Mask": "*i1", "CuQ": "*i32", "CuK": "*i32"}
 
 
@@ -44,16 +44,38 @@ def compile_one(fn, dtype: str, consts: dict, arch: int, warps: int = 4, stages:
     return kernel.metadata.shared
 
 
-def cases():
-    """(label, kernel, dtype, constexprs, num_warps, num_stages) covering every flag at least once."""
+def cases(arch: int):
+    """(label, kernel, dtype, constexprs, num_warps, num_stages) covering every flag at least once; tensor
+    descriptors (USE_TMA) only where the launchers use them, sm_90."""
+    tma = arch >= 90
     ln = dict(
-        HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=True, HAS_DROPOUT=True, STORE_S=True, BLOCK_M=4, BLOCK_N=1024
-    )
+        HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=True, HAS_DROPOUT=True, STORE_S=True, BLOCK_M=4, BLOCK_N=1024,
+        NUM_CHUNKS=1, ROWS_SPREAD=False,
+    )  # fmt: skip
     yield "ln fwd fused", layer_norm.layer_norm_fwd_kernel, "bf16", ln, 4, 1
     plain = dict(ln, HAS_RESIDUAL=False, HAS_BIAS=False, HAS_DROPOUT=False, STORE_S=False, BLOCK_M=1, BLOCK_N=8192)
     yield "ln fwd plain", layer_norm.layer_norm_fwd_kernel, "fp32", plain, 16, 1
-    lnb = dict(HAS_DS_OUT=True, HAS_DRES=True, HAS_WEIGHT=True, HAS_DROPOUT=True, BLOCK_M=4, BLOCK_N=1024)
+    yield (
+        "ln fwd 3 chunks",
+        layer_norm.layer_norm_fwd_kernel,
+        "bf16",
+        dict(ln, BLOCK_N=256, NUM_CHUNKS=3, ROWS_SPREAD=True),
+        4,
+        1,
+    )
+    lnb = dict(
+        HAS_DS_OUT=True, HAS_DRES=True, HAS_WEIGHT=True, HAS_DROPOUT=True, BLOCK_M=4, BLOCK_N=1024, NUM_CHUNKS=1,
+        ROWS_SPREAD=False,
+    )  # fmt: skip
     yield "ln bwd fused", layer_norm.layer_norm_bwd_kernel, "bf16", lnb, 4, 1
+    yield (
+        "ln bwd 3 chunks",
+        layer_norm.layer_norm_bwd_kernel,
+        "bf16",
+        dict(lnb, BLOCK_N=256, NUM_CHUNKS=3, ROWS_SPREAD=True),
+        4,
+        1,
+    )
     yield (
         "ln bwd plain",
         layer_norm.layer_norm_bwd_kernel,
@@ -73,14 +95,21 @@ def cases():
         BLOCK_N=128,
         BLOCK_K=64,
         GROUP_M=8,
+        USE_TMA=tma,
+        A_MMAJOR=False,
+        B_KMAJOR=True,
+        SPLIT_K=1,
     )
     yield "ffn gemm fwd", ffn.linear_kernel, "bf16", mm, 8, 3
-    yield "ffn gemm dgelu", ffn.linear_kernel, "bf16", dict(mm, HAS_BIAS=False, ACT=1, EPILOGUE=1), 8, 3
+    yield "ffn gemm dgelu", ffn.linear_kernel, "bf16", dict(mm, HAS_BIAS=False, ACT=1, EPILOGUE=1, USE_TMA=False), 8, 3
+    plain = dict(mm, HAS_BIAS=False, ACT=0, DROPOUT=False, STORE_AUX=False, A_MMAJOR=tma, B_KMAJOR=False, SPLIT_K=2)
+    yield "ffn gemm dW split-k", ffn.linear_kernel, "bf16", plain, 8, 3
+    yield "ffn split-k reduce", ffn.splitk_reduce_kernel, "bf16", dict(SPLIT_K=2, BLOCK=1024), 4, 1
     yield (
         "ffn gemm fp32 relu",
         ffn.linear_kernel,
         "fp32",
-        dict(mm, ACT=3, DROPOUT=False, STORE_AUX=False, DOT_PRECISION="ieee", BLOCK_N=64, BLOCK_K=32),
+        dict(mm, ACT=3, DROPOUT=False, STORE_AUX=False, DOT_PRECISION="ieee", BLOCK_N=64, BLOCK_K=32, USE_TMA=False),
         4,
         2,
     )
@@ -96,12 +125,16 @@ def cases():
         BLOCK_D=128,
         DOT_PREC="tf32",
     )
-    yield "attn fwd causal", attention.attention_fwd_kernel, "bf16", dict(att, IS_SPLIT=False), 8, 3
+    fwd = dict(att, IS_SPLIT=False, USE_TMA=tma, WARP_SPEC=False)
+    yield "attn fwd causal", attention.attention_fwd_kernel, "bf16", fwd, 8, 3
+    if tma:
+        ws = dict(fwd, IS_CAUSAL=False, WARP_SPEC=True)
+        yield "attn fwd warp-specialised", attention.attention_fwd_kernel, "bf16", ws, 4, 2
     yield (
         "attn fwd mask+dropout d80",
         attention.attention_fwd_kernel,
         "fp16",
-        dict(att, IS_CAUSAL=False, HAS_MASK=True, HAS_DROPOUT=True, BLOCK_D=128, IS_SPLIT=False),
+        dict(fwd, IS_CAUSAL=False, HAS_MASK=True, HAS_DROPOUT=True, BLOCK_D=128, USE_TMA=False),
         4,
         3,
     )
@@ -109,11 +142,11 @@ def cases():
         "attn fwd varlen d256",
         attention.attention_fwd_kernel,
         "bf16",
-        dict(att, IS_VARLEN=True, BLOCK_M=64, BLOCK_N=32, BLOCK_D=256, IS_SPLIT=False),
+        dict(fwd, IS_VARLEN=True, BLOCK_M=64, BLOCK_N=32, BLOCK_D=256),
         4,
         2,
     )
-    yield "attn fwd split-kv", attention.attention_fwd_kernel, "bf16", dict(att, BLOCK_M=16, IS_SPLIT=True), 4, 3
+    yield "attn fwd split-kv", attention.attention_fwd_kernel, "bf16", dict(fwd, BLOCK_M=64, IS_SPLIT=True), 4, 3
     yield "attn combine", attention.attention_fwd_combine_kernel, "bf16", dict(BLOCK_M=16, BLOCK_D=128), 4, 1
     yield (
         "attn bwd pre",
@@ -124,13 +157,15 @@ def cases():
         1,
     )
     bwd = dict(att, BLOCK_M=64, BLOCK_N=64, HAS_MASK=True, HAS_DROPOUT=True)
-    yield "attn bwd dkdv", attention.attention_bwd_dkdv_kernel, "bf16", bwd, 4, 2
+    yield "attn bwd dkdv", attention.attention_bwd_dkdv_kernel, "bf16", dict(bwd, ATOMIC_DQ=False), 4, 2
+    atomic = dict(bwd, ATOMIC_DQ=True, BLOCK_M=32, BLOCK_N=128, HAS_DROPOUT=False)
+    yield "attn bwd dkdv atomic dQ", attention.attention_bwd_dkdv_kernel, "bf16", atomic, 8, 2
     yield "attn bwd dq", attention.attention_bwd_dq_kernel, "bf16", dict(bwd, IS_VARLEN=True), 4, 2
     yield (
         "attn bwd dkdv fp32",
         attention.attention_bwd_dkdv_kernel,
         "fp32",
-        dict(bwd, DOT_PREC="ieee", BLOCK_D=64, BLOCK_M=32, BLOCK_N=32),
+        dict(bwd, DOT_PREC="ieee", BLOCK_D=64, BLOCK_M=32, BLOCK_N=32, ATOMIC_DQ=True),
         4,
         2,
     )
@@ -139,7 +174,7 @@ def cases():
 def main(archs: list[int]) -> int:
     failures = 0
     for arch in archs:
-        for label, fn, dtype, consts, warps, stages in cases():
+        for label, fn, dtype, consts, warps, stages in cases(arch):
             try:
                 smem = compile_one(fn, dtype, consts, arch, warps, stages)
                 print(f"ok   sm_{arch} {label} ({dtype}, {smem} B shared)", flush=True)
