@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,39 +28,16 @@ from fastformer.benchmarks import common
 
 import fastformer
 
-TINY_GPT = dict(vocab_size=512, n_positions=128, n_embd=64, n_layer=2, n_head=2)
-TINY_BERT = dict(
-    vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
-    max_position_embeddings=128,
-)  # fmt: skip
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _time_ms(fn: Callable[[], Any], warmup: int, iters: int) -> float:
-    """Wall-clock ms per call after ``warmup`` calls (whole steps: CUDA events would add nothing)."""
-    for _ in range(warmup):
-        fn()
-    _sync()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    _sync()
-    return (time.perf_counter() - t0) * 1e3 / iters
-
 
 def _model(kind: str, dev: torch.device) -> torch.nn.Module:
     import transformers
 
     big = dev.type == "cuda"
     if kind == "gpt2":
-        cfg = transformers.GPT2Config(**({} if big else TINY_GPT), bos_token_id=0, eos_token_id=0)
+        cfg = transformers.GPT2Config(**({} if big else common.TINY_GPT), bos_token_id=0, eos_token_id=0)
         cls = transformers.GPT2LMHeadModel
     else:
-        cfg = transformers.BertConfig(**({} if big else TINY_BERT))
+        cfg = transformers.BertConfig(**({} if big else common.TINY_BERT))
         cls = transformers.BertForMaskedLM if kind == "train bert" else transformers.BertModel
     torch.manual_seed(0)
     return cls._from_config(cfg, attn_implementation="sdpa").to(dev)
@@ -128,7 +104,7 @@ def bench_task(kind: str, args: Any, dev: torch.device) -> list[dict[str, Any]]:
 
         try:
             iters = (3 if args.quick else 10) if on_gpu else 2
-            ms = _time_ms(step, warmup=2 if on_gpu else 1, iters=iters)
+            ms = common.time_ms(step, warmup=2 if on_gpu else 1, iters=iters)
             mem = common.peak_mem_mb(step)
         except Exception as e:  # noqa: BLE001 - a failing provider is reported, not fatal
             rows.append({"task": task, "provider": name, "error": str(e)[:160]})

@@ -17,38 +17,12 @@ fastformer ``GPT.generate`` (preallocated KV cache) and transformers ``generate`
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from fastformer.benchmarks import common
 
 from fastformer.models import GPT, BertConfig, BertForPreTraining, GPTConfig
-
-# the CPU smoke run (--quick without a GPU) uses tiny models so it takes seconds
-TINY_GPT = dict(vocab_size=512, n_positions=128, n_embd=64, n_layer=2, n_head=2)
-TINY_BERT = dict(
-    vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
-    max_position_embeddings=128,
-)  # fmt: skip
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _time_ms(fn: Callable[[], Any], warmup: int, iters: int) -> float:
-    """Wall-clock ms per call after ``warmup`` calls (steps are long; CUDA events add nothing here)."""
-    for _ in range(warmup):
-        fn()
-    _sync()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    _sync()
-    return (time.perf_counter() - t0) * 1e3 / iters
 
 
 def _matmul_params(model: torch.nn.Module, decoder: int) -> int:
@@ -89,10 +63,10 @@ def _train_batch(kind: str, cfg: Any, batch: int, seqlen: int, dev: torch.device
 def bench_training(kind: str, args: Any, dev: torch.device, peak_tflops: float) -> list[dict[str, Any]]:
     on_gpu = dev.type == "cuda"
     if kind == "gpt":
-        cfg = GPTConfig.from_name("gpt2") if on_gpu else GPTConfig(**TINY_GPT)
+        cfg = GPTConfig.from_name("gpt2") if on_gpu else GPTConfig(**common.TINY_GPT)
         batch, seqlen = (8, 1024) if on_gpu else (2, 64)
     else:
-        cfg = BertConfig.from_name("bert-base") if on_gpu else BertConfig(**TINY_BERT)
+        cfg = BertConfig.from_name("bert-base") if on_gpu else BertConfig(**common.TINY_BERT)
         batch, seqlen = (32, 512) if on_gpu else (2, 64)
     hf = _hf_models(kind, cfg, dev)
     ours = (GPT if kind == "gpt" else BertForPreTraining).from_hf(hf, strict=True).to(dev)
@@ -118,7 +92,7 @@ def bench_training(kind: str, args: Any, dev: torch.device, peak_tflops: float) 
             opt.zero_grad(set_to_none=True)
 
         try:
-            ms = _time_ms(step, warmup=3 if on_gpu else 1, iters=(5 if args.quick else 20) if on_gpu else 2)
+            ms = common.time_ms(step, warmup=3 if on_gpu else 1, iters=(5 if args.quick else 20) if on_gpu else 2)
             mem = common.peak_mem_mb(step)
         except Exception as e:  # noqa: BLE001 - a failing peer is reported, not fatal
             rows.append({"task": f"train {kind}", "provider": name, "error": str(e)[:100]})
@@ -142,7 +116,7 @@ def bench_training(kind: str, args: Any, dev: torch.device, peak_tflops: float) 
 
 def bench_generation(args: Any, dev: torch.device) -> list[dict[str, Any]]:
     on_gpu = dev.type == "cuda"
-    cfg = GPTConfig.from_name("gpt2") if on_gpu else GPTConfig(**TINY_GPT)
+    cfg = GPTConfig.from_name("gpt2") if on_gpu else GPTConfig(**common.TINY_GPT)
     dtype = getattr(torch, args.dtype) if on_gpu else torch.float32
     hf = _hf_models("gpt", cfg, dev).eval()
     ours = GPT.from_hf(hf, strict=True).to(dev, dtype).eval()
@@ -161,7 +135,7 @@ def bench_generation(args: Any, dev: torch.device) -> list[dict[str, Any]]:
         base = None
         for name, fn in runs.items():
             with torch.no_grad():
-                ms = _time_ms(fn, warmup=1, iters=2 if on_gpu else 1)
+                ms = common.time_ms(fn, warmup=1, iters=2 if on_gpu else 1)
             base = ms if name == "transformers" else base
             rows.append(
                 {

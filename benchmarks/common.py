@@ -48,6 +48,29 @@ def bench(fn: Callable[[], Any], warmup: int = 10, rep: int = 50) -> float:
     return statistics.median(times)
 
 
+# the CPU smoke runs (--quick without a GPU) of the model benchmarks use these tiny configs so they take seconds
+TINY_GPT = dict(vocab_size=512, n_positions=128, n_embd=64, n_layer=2, n_head=2)
+TINY_BERT = dict(
+    vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
+    max_position_embeddings=128,
+)  # fmt: skip
+
+
+def time_ms(fn: Callable[[], Any], warmup: int, iters: int) -> float:
+    """Wall-clock ms per call after ``warmup`` calls, for whole training or inference steps (long enough that
+    CUDA events would add nothing)."""
+    for _ in range(warmup):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3 / iters
+
+
 def _copy_gbps(n: int, dtype: torch.dtype, dev: torch.device) -> float:
     src = torch.empty(n, dtype=dtype, device=dev)
     dst = torch.empty_like(src)
