@@ -91,16 +91,11 @@ def bench_task(kind: str, args: Any, dev: torch.device) -> list[dict[str, Any]]:
         model = build()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=on_gpu) if train else None
 
-        def step(model: torch.nn.Module = model, opt: torch.optim.Optimizer | None = opt) -> None:
-            if opt is None:
-                with torch.no_grad():
-                    model(**inputs)
-                return
-            with torch.autocast(dev.type, dtype=amp, enabled=amp != torch.float32):
-                loss = model(**inputs).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        def infer(model: torch.nn.Module = model) -> None:
+            with torch.no_grad():
+                model(**inputs)
+
+        step = common.train_step(model, opt, inputs, amp, dev.type) if train else infer
 
         try:
             iters = (3 if args.quick else 10) if on_gpu else 2

@@ -84,12 +84,7 @@ def bench_training(kind: str, args: Any, dev: torch.device, peak_tflops: float) 
     for name, model in providers.items():
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=on_gpu)
 
-        def step(model=model, opt=opt) -> None:
-            with torch.autocast(dev.type, dtype=amp, enabled=amp != torch.float32):
-                loss = model(**inputs).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        step = common.train_step(model, opt, inputs, amp, dev.type)
 
         try:
             ms = common.time_ms(step, warmup=3 if on_gpu else 1, iters=(5 if args.quick else 20) if on_gpu else 2)

@@ -71,6 +71,21 @@ def time_ms(fn: Callable[[], Any], warmup: int, iters: int) -> float:
     return (time.perf_counter() - t0) * 1e3 / iters
 
 
+def train_step(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, inputs: dict, amp: torch.dtype, device_type: str
+) -> Callable[[], None]:
+    """One optimizer step of a model whose output has ``.loss``, under autocast to ``amp`` unless that is fp32."""
+
+    def step() -> None:
+        with torch.autocast(device_type, dtype=amp, enabled=amp != torch.float32):
+            loss = model(**inputs).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def _copy_gbps(n: int, dtype: torch.dtype, dev: torch.device) -> float:
     src = torch.empty(n, dtype=dtype, device=dev)
     dst = torch.empty_like(src)
