@@ -153,7 +153,14 @@ def tma_capable(device: torch.device) -> bool:
     (which emulates them, so CPU tests cover the descriptor code path)."""
     if interpreting():
         return True
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    if device.type != "cuda":
+        return False
+    return _major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+
+
+@functools.cache
+def _major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def tma_aligned(*tensors: torch.Tensor | None) -> bool:
