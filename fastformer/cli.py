@@ -1,4 +1,4 @@
-"""The ``fastformer`` command: ``info``, ``bench <op>``, ``build``, ``inspect`` and ``demo``."""
+"""The ``fastformer`` command: ``info``, ``bench <op>``, ``build``, ``inspect``, ``compare`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 
-BENCHES = ("layer_norm", "attention", "ffn", "models")
+BENCHES = ("layer_norm", "attention", "ffn", "models", "hf")
 
 
 def info() -> None:
@@ -59,24 +59,74 @@ def bench(name: str, argv: list[str]) -> None:
         importlib.import_module(f"fastformer.benchmarks.bench_{n}").main(argv)
 
 
-def demo() -> None:
-    """The main job: info, then the GPT-vs-BERT study (fused vs torch), then the LayerNorm microbenchmark."""
+def _interpret_triton_on_cpu(device: str | None) -> None:
+    """Without a GPU the fused (Triton) kernels can only run in Triton's CPU interpreter, which must be chosen
+    before triton is first imported; with a GPU, Triton stays on the GPU."""
     import torch
 
-    if not torch.cuda.is_available() and "triton" not in sys.modules:
-        # no GPU: the fused (Triton) path runs in Triton's CPU interpreter, which must be chosen before import
+    if device != "cuda" and not torch.cuda.is_available() and "triton" not in sys.modules:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
-    info()
-    print()
+
+def compare(args: argparse.Namespace) -> None:
+    """The GPT-vs-BERT study (fastformer.study); bad input is one line on stderr and exit code 2."""
+    _interpret_triton_on_cpu(args.device)
     from fastformer import study
 
-    study.run_study(quick=not torch.cuda.is_available())
+    options = study.Options(
+        quick=args.quick,
+        corpus=args.corpus,
+        device=args.device,
+        preset=args.preset,
+        steps=args.steps,
+        backend=args.backend,
+        out=args.out,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    try:
+        study.run_study(options)
+    except study.StudyError as e:
+        print(f"fastformer compare: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def demo() -> None:
+    """The main job: info, then the quick GPT-vs-BERT study, then the LayerNorm microbenchmark."""
+    import torch
+
+    _interpret_triton_on_cpu(None)
+    info()
     print()
-    bench("layer_norm", ["--quick"] if not torch.cuda.is_available() else [])
+    compare(_parser().parse_args(["compare", "--quick"]))
+    print()
+    quick = [] if torch.cuda.is_available() else ["--quick"]
+    print(f"== the LayerNorm microbenchmark: fastformer bench layer_norm {' '.join(quick)}".rstrip())
+    bench("layer_norm", quick)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser(
+        "compare",
+        help="GPT vs BERT: pretrain, fine-tune and time both at matched size; writes a report",
+        description="Pretrain a GPT (next token) and a BERT (masked tokens + next sentence) of matched size on the "
+        "same text, fine-tune both on the same classification task, time them per backend, and write a Markdown "
+        "report, JSON and plots. Default text: the installed Python standard library's docstrings and comments.",
+    )
+    c.add_argument("--quick", action="store_true", help="few steps, for a CPU (what make demo runs)")
+    c.add_argument("--corpus", metavar="FILE|DIR", help="your own UTF-8 text (a DIR's subdirectories become classes)")
+    c.add_argument("--device", metavar="cpu|cuda", help="default: cuda when a GPU is present")
+    c.add_argument("--preset", metavar="tiny|small|base", help="model size (default: tiny on CPU, small on GPU)")
+    c.add_argument("--steps", type=int, metavar="N", help="pretraining steps per model (fine-tuning scales with it)")
+    c.add_argument(
+        "--backend", default="auto", metavar="auto|torch|triton|cuda", help="what trains (auto: fused on GPU)"
+    )
+    c.add_argument("--out", default="fastformer-compare", metavar="DIR", help="report directory (default: %(default)s)")
+    c.add_argument("--seed", type=int, default=0, help="one seed for both models' weights and data order")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastformer", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions, device, backends, extension status")
@@ -85,8 +135,16 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("build", help="build fastformer._C into the per-user cache (needs nvcc)")
     # its own options (and --help) are parsed by fastformer.inspect
     sub.add_parser("inspect", add_help=False, help="compile every Triton launch for sm_90/sm_80: resources, no GPU")
-    sub.add_parser("demo", help="info, the GPT-vs-BERT study and the LayerNorm benchmark")
+    _add_compare(sub)
+    sub.add_parser("demo", help="info, the quick GPT-vs-BERT study and the LayerNorm benchmark")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
     args, rest = parser.parse_known_args(argv)
+    if rest and args.cmd not in ("bench", "inspect"):  # before running anything
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.cmd == "info":
         info()
     elif args.cmd == "bench":
@@ -97,12 +155,12 @@ def main(argv: list[str] | None = None) -> None:
         print(_build.jit_build(verbose=True))
     elif args.cmd == "demo":
         demo()
+    elif args.cmd == "compare":
+        compare(args)
     elif args.cmd == "inspect":
         from fastformer import inspect
 
         sys.exit(inspect.main(rest))
-    if rest and args.cmd != "bench":
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
 
 if __name__ == "__main__":
