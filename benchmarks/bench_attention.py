@@ -8,7 +8,9 @@ math path where its S×S matrices fit; fastformer's Triton path is timed twice, 
 atomically) and under ``torch.use_deterministic_algorithms(True)`` (7-matmul backward, no atomics). Also:
 BERT-style padded batches (S = 512, 30-70% padding) through the key-padding-mask path and through
 unpad -> varlen -> pad (TFLOP/s counted on real tokens only), and single-query decoding over a long KV cache
-(split-KV path, GB/s of K/V read). ``--quick`` runs a few shapes.
+(split-KV path, GB/s of K/V read). ``--quick`` runs a few shapes. Each timed call reads the next of a ring of
+input sets larger than the caches together (``common.rotating``). ``--plot``: speed-up over SDPA's flash backend (on
+CPU: SDPA; padded batches: its efficient backend) against the sequence length, one panel per mode and case.
 """
 
 from __future__ import annotations
@@ -46,31 +48,36 @@ def _flops(b: int, h: int, sq: int, sk: int, d: int, causal: bool) -> float:
 DETERMINISTIC = " deterministic"
 
 
-def _time(fn, inputs, mode: str, deterministic: bool = False) -> float | None:
-    """Median ms of fn(*inputs) (forward) or of forward + backward; None if this peer cannot run the case."""
+def _time(fn, ring: common.Ring, mode: str, deterministic: bool = False) -> common.Timing | None:
+    """Time fn(*inputs) (forward) or forward + backward, each call on the next input set of ``ring``; None if this
+    peer cannot run the case."""
     saved = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
     try:
-        return _time_as_set(fn, inputs, mode)
+        return _time_as_set(fn, ring, mode)
     finally:
         torch.use_deterministic_algorithms(saved)
 
 
-def _time_as_set(fn, inputs, mode: str) -> float | None:
+def _time_as_set(fn, ring: common.Ring, mode: str) -> common.Timing | None:
     try:
         if mode == "fwd":
             with torch.no_grad():
-                fn(*inputs)
-                return common.bench(lambda: fn(*inputs))
-        out = fn(*inputs)
-        g = torch.randn_like(out)
-        leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+                fn(*ring.sets[0])
+                return common.bench_stats(lambda: fn(*ring()))
+
+        def with_grad(inputs):
+            leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+            return inputs, leaves, torch.randn_like(fn(*inputs))
+
+        sets = ring.map(with_grad)
 
         def step():
+            inputs, leaves, g = sets()
             torch.autograd.grad(fn(*inputs), leaves, g)
 
         step()
-        return common.bench(step)
+        return common.bench_stats(step)
     except (RuntimeError, ValueError, torch.OutOfMemoryError) as e:  # a peer that refuses this shape is skipped
         if "out of memory" in str(e).lower():
             torch.cuda.empty_cache()
@@ -78,21 +85,22 @@ def _time_as_set(fn, inputs, mode: str) -> float | None:
 
 
 def _timed_rows(provs: dict, work: float, peak: float, head: dict, tail: dict | None = None) -> list[dict]:
-    """Forward and forward+backward rows of every provider: ms, TFLOP/s of ``work`` (the forward's FLOPs) and the
-    speed-up over the fastest torch SDPA peer; ``head`` and ``tail`` are the case's columns before and after."""
+    """Forward and forward+backward rows of every provider (name -> (fn, ring of its inputs)): ms, TFLOP/s of
+    ``work`` (the forward's FLOPs) and the speed-up over the fastest torch SDPA peer; ``head`` and ``tail`` are the
+    case's columns before and after."""
     rows = []
     for mode in ("fwd", "fwd+bwd"):
-        times = {n: _time(f, inp, mode, n.endswith(DETERMINISTIC)) for n, (f, inp) in provs.items()}
-        sdpa = [t for n, t in times.items() if n.startswith("sdpa") and t is not None]
+        times = {n: _time(f, ring, mode, n.endswith(DETERMINISTIC)) for n, (f, ring) in provs.items()}
+        sdpa = [t.median for n, t in times.items() if n.startswith("sdpa") and t is not None]
         best = min(sdpa) if sdpa else None
-        for name, ms in times.items():
-            if ms is None:
+        for name, t in times.items():
+            if t is None:
                 continue
-            tf = work * (3.5 if mode == "fwd+bwd" else 1.0) / ms / 1e9
-            row = {**head, "mode": mode, "provider": name, "ms": ms, "TFLOP/s": tf, "%matmul": 100 * tf / peak}
+            tf = work * (3.5 if mode == "fwd+bwd" else 1.0) / t.median / 1e9
+            row = {**head, "mode": mode, "provider": name, **t.row(), "TFLOP/s": tf, "%matmul": 100 * tf / peak}
             row.update(tail or {})
             if best is not None:
-                row["vs best sdpa"] = best / ms
+                row["vs best sdpa"] = best / t.median
             rows.append(row)
     return rows
 
@@ -122,32 +130,35 @@ def _dense_rows(dev, dtype, args, backends: list[str]) -> list[dict]:
     rows = []
     for s, d, causal in shapes:
         b, h = max(1, tokens // s), width // d
-        q, k, v = (torch.randn(b, s, h, d, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
-        qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+
+        def make(b=b, s=s, h=h, d=d):
+            q, k, v = (torch.randn(b, s, h, d, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+            # the same values in SDPA's (B, H, S, D) layout
+            return q, k, v, *(t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+
+        ring = common.rotating(make)
+        native, bhsd = ring.map(lambda t, c=causal: (*t[:3], c)), ring.map(lambda t: t[3:])
         # the CUDA C++ kernels are a simple scalar reference: time them only where they finish quickly
         ours = [be for be in backends if be != "cuda" or s <= 4096]
-        provs = {n: (f, (q, k, v, causal)) for n, f in _ours(ours).items()}
+        provs = {n: (f, native) for n, f in _ours(ours).items()}
         if "triton" in ours:
             provs["fastformer-triton" + DETERMINISTIC] = provs["fastformer-triton"]
         if dev.type == "cuda":
             for name in _SDPA:
-                provs[name] = (
-                    lambda a, b_, c, _f=_sdpa_peer(name), _c=causal: _f(a, b_, c, is_causal=_c),
-                    (qt, kt, vt),
-                )
+                provs[name] = (lambda a, b_, c, _f=_sdpa_peer(name), _c=causal: _f(a, b_, c, is_causal=_c), bhsd)
             if b * h * s * s * 4 <= 8 << 30:  # math materialises fp32 S×S scores (and more for backward)
                 provs["sdpa-math"] = (
                     lambda a, b_, c, _f=_sdpa_peer("math"), _c=causal: _f(a, b_, c, is_causal=_c),
-                    (qt, kt, vt),
+                    bhsd,
                 )
         else:
             provs["sdpa"] = (
                 lambda a, b_, c, _c=causal: F.scaled_dot_product_attention(a, b_, c, is_causal=_c),
-                (qt, kt, vt),
+                bhsd,
             )
         head = {"case": "dense", "seqlen": s, "d": d, "B": b, "H": h, "causal": causal}
         rows += _timed_rows(provs, _flops(b, h, s, s, d, causal), peak, head)
-        del q, k, v, qt, kt, vt
+        del ring, native, bhsd, provs
     return rows
 
 
@@ -161,8 +172,13 @@ def _padded_rows(dev, dtype, args, backends: list[str]) -> list[dict]:
     lens = (s * (0.3 + 0.4 * torch.rand(b, generator=g))).long().clamp(min=1).to(dev)
     mask = torch.arange(s, device=dev)[None] < lens[:, None]  # (B, S) True = real token
     useful = sum(4.0 * h * n * n * d for n in lens.tolist())
-    qkv = torch.randn(b, s, 3, h, d, device=dev, dtype=dtype, requires_grad=True)
-    qkv_t = qkv.detach().permute(2, 0, 3, 1, 4).contiguous().requires_grad_()  # (3, B, H, S, D)
+
+    def make():
+        qkv = torch.randn(b, s, 3, h, d, device=dev, dtype=dtype, requires_grad=True)
+        return qkv, qkv.detach().permute(2, 0, 3, 1, 4).contiguous().requires_grad_()  # and (3, B, H, S, D)
+
+    ring = common.rotating(make)
+    packed, packed_t = ring.map(lambda t: t[:1]), ring.map(lambda t: t[1:])
     sdpa_mask = mask[:, None, None, :]
 
     def via_mask(x, _b):
@@ -176,12 +192,12 @@ def _padded_rows(dev, dtype, args, backends: list[str]) -> list[dict]:
 
     provs = {}
     for be in backends:
-        provs[f"fastformer-{be} mask"] = (lambda x, _b=be: via_mask(x, _b), (qkv,))
-        provs[f"fastformer-{be} varlen"] = (lambda x, _b=be: via_varlen(x, _b), (qkv,))
+        provs[f"fastformer-{be} mask"] = (lambda x, _b=be: via_mask(x, _b), packed)
+        provs[f"fastformer-{be} varlen"] = (lambda x, _b=be: via_varlen(x, _b), packed)
     names = [n for n in ("sdpa-efficient", "sdpa-cudnn", "sdpa-math") if dev.type == "cuda"] or ["sdpa"]
     for name in names:
         f = _sdpa_peer(name) if dev.type == "cuda" else F.scaled_dot_product_attention
-        provs[name] = (lambda x, _f=f: _f(x[0], x[1], x[2], attn_mask=sdpa_mask), (qkv_t,))
+        provs[name] = (lambda x, _f=f: _f(x[0], x[1], x[2], attn_mask=sdpa_mask), packed_t)
     head = {"case": "bert-padded", "seqlen": s, "d": d, "B": b, "H": h, "causal": False}
     pad = round(100 * (1 - mask.float().mean().item()))
     return _timed_rows(provs, useful, peak, head, {"pad%": pad})
@@ -198,22 +214,28 @@ def _decode_rows(dev, dtype, args, backends: list[str]) -> list[dict]:
         cases = [(1, 4096, 32, 8, 128), (1, 32768, 32, 8, 128), (16, 4096, 32, 8, 128)]
     rows = []
     for b, sk, h, hkv, d in cases:
-        q = torch.randn(b, 1, h, d, device=dev, dtype=dtype)
-        k, v = (torch.randn(b, sk, hkv, d, device=dev, dtype=dtype) for _ in range(2))
-        kv_bytes = 2 * k.numel() * k.element_size()
-        provs = {n: (f, (q, k, v, True)) for n, f in _ours(backends).items()}
-        qt = q.transpose(1, 2).contiguous()
-        kt, vt = (t.transpose(1, 2).repeat_interleave(h // hkv, 1).contiguous() for t in (k, v))
+
+        def make(b=b, sk=sk, h=h, hkv=hkv, d=d):
+            q = torch.randn(b, 1, h, d, device=dev, dtype=dtype)
+            k, v = (torch.randn(b, sk, hkv, d, device=dev, dtype=dtype) for _ in range(2))
+            # SDPA's layout, K/V heads repeated for each query head of their group
+            kt, vt = (t.transpose(1, 2).repeat_interleave(h // hkv, 1).contiguous() for t in (k, v))
+            return q, k, v, q.transpose(1, 2).contiguous(), kt, vt
+
+        ring = common.rotating(make)
+        kv_bytes = 2 * b * sk * hkv * d * torch.finfo(dtype).bits // 8
+        provs = {n: (f, ring.map(lambda t: (*t[:3], True))) for n, f in _ours(backends).items()}
+        bhsd = ring.map(lambda t: t[3:])
         peers = ["sdpa-flash", "sdpa-efficient", "sdpa-cudnn"] if dev.type == "cuda" else []
         for name in peers:
-            provs[name] = (lambda a, b_, c, _f=_sdpa_peer(name): _f(a, b_, c), (qt, kt, vt))
+            provs[name] = (lambda a, b_, c, _f=_sdpa_peer(name): _f(a, b_, c), bhsd)
         if dev.type != "cuda":
-            provs["sdpa"] = (lambda a, b_, c: F.scaled_dot_product_attention(a, b_, c), (qt, kt, vt))
-        times = {n: _time(f, inp, "fwd") for n, (f, inp) in provs.items()}
-        for name, ms in times.items():
-            if ms is None:
+            provs["sdpa"] = (lambda a, b_, c: F.scaled_dot_product_attention(a, b_, c), bhsd)
+        times = {n: _time(f, inputs, "fwd") for n, (f, inputs) in provs.items()}
+        for name, t in times.items():
+            if t is None:
                 continue
-            gbps = kv_bytes / ms / 1e6
+            gbps = kv_bytes / t.median / 1e6
             rows.append(
                 {
                     "case": "decode",
@@ -224,30 +246,44 @@ def _decode_rows(dev, dtype, args, backends: list[str]) -> list[dict]:
                     "causal": True,
                     "mode": "fwd",
                     "provider": name,
-                    "ms": ms,
+                    **t.row(),
                     "GB/s": gbps,
                     "%copy": 100 * gbps / copy,
                 }
             )
+        del ring, provs, bhsd
     return rows
 
 
+def _panel(row: dict) -> str:
+    """Plot panel of a row besides its mode: the case and what varies within it other than the sequence length (the
+    dense cases' batch size follows from it)."""
+    label = f"{row['case']} d={row['d']}"
+    if row["case"] == "dense":
+        label += " causal" if row["causal"] else ""
+    elif row["case"] == "decode":
+        label += f" B={row['B']}"
+    return label
+
+
 def main(argv: list[str] | None = None) -> dict:
-    args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
+    args = common.parser(__doc__.splitlines()[0], "attention").parse_args(argv)
     dev = common.device()
     dtype = getattr(torch, args.dtype) if dev.type == "cuda" else torch.float32
     if args.quick and dev.type == "cuda":
         # one heuristic config per kernel instead of autotuning: keeps the GPU check's attention part short
         os.environ.setdefault("FASTFORMER_AUTOTUNE", "0")
-    avail = fastformer.available_backends(dev)
     # on CPU only the torch path is timed: the interpreter is a correctness tool, not a speed peer
-    backends = [b for b in ("triton", "cuda") if b in avail and dev.type == "cuda"] or ["torch"]
+    backends, notes = common.timed_backends(dev, ("triton", "cuda"))
     if args.quick and "cuda" in backends:
-        backends.remove("cuda")  # the CUDA C++ kernels are a simple reference, far from the fast path
+        backends.remove("cuda")
+        notes.append("not timed with --quick: fastformer-cuda (a simple reference kernel, far from the fast path)")
     rows = _dense_rows(dev, dtype, args, backends)
     rows += _padded_rows(dev, dtype, args, backends)
     rows += _decode_rows(dev, dtype, args, backends)
-    return common.finish("attention", rows, args)
+    baseline = ("sdpa-flash", "sdpa-efficient", "sdpa")
+    spec = common.PlotSpec(x="seqlen", baseline=baseline, group=_panel)
+    return common.finish("attention", rows, args, dtype=dtype, plot=spec, notes=notes)
 
 
 if __name__ == "__main__":

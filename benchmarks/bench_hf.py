@@ -125,12 +125,13 @@ def bench_task(kind: str, args: Any, dev: torch.device) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
+    args = common.parser(__doc__.splitlines()[0], "hf").parse_args(argv)
     dev = common.device()
     rows = []
     for kind in ("gpt2", "train bert", "infer bert"):
         rows += bench_task(kind, args, dev)
-    return common.finish("hf", rows, args)
+    # one bar group per task (its name carries the batch shape), each provider against transformers as it is
+    return common.finish("hf", rows, args, plot=common.PlotSpec(baseline=("eager",)))
 
 
 if __name__ == "__main__":

@@ -53,10 +53,55 @@ def info() -> None:
         print(f"{k.ljust(width)}  {v}")
 
 
-def bench(name: str, argv: list[str]) -> None:
-    names = BENCHES if name == "all" else (name,)
-    for n in names:
-        importlib.import_module(f"fastformer.benchmarks.bench_{n}").main(argv)
+def _bench_help() -> str:
+    """``fastformer bench --help``: the benchmarks, each with its docstring's first line, and the shared options."""
+    import ast
+    from pathlib import Path
+
+    from fastformer.benchmarks import common
+
+    here = Path(common.__file__).resolve().parent
+    listing = [
+        f"  {n:<11} {(ast.get_docstring(ast.parse((here / f'bench_{n}.py').read_text())) or '').splitlines()[0]}"
+        for n in BENCHES
+    ]
+    listing.append(f"  {'all':<11} every one in turn (--json/--csv/--plot files get each benchmark's name added)")
+    p = common.parser("Run a benchmark; NAME is one of:\n" + "\n".join(listing))
+    p.prog = "fastformer bench NAME"
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = "Every benchmark takes these options; fastformer bench NAME --help lists NAME's own too."
+    return p.format_help()
+
+
+def bench(name: str | None, argv: list[str]) -> None:
+    """Run benchmark ``name`` (or all of them) with the options ``argv``; without a name, print the list."""
+    asks_help = any(a in ("-h", "--help") for a in argv)
+    if name is None or (name == "all" and asks_help):
+        if not asks_help:
+            print("usage: fastformer bench NAME [options]", file=sys.stderr)
+            print(f"fastformer bench: error: NAME is required ({', '.join(BENCHES)} or all)", file=sys.stderr)
+            sys.exit(2)
+        print(_bench_help())
+        sys.exit(0)
+    if name != "all":
+        importlib.import_module(f"fastformer.benchmarks.bench_{name}").main(argv)
+        return
+    outputs = ("--json", "--csv", "--plot")
+    for n in BENCHES:
+        # one file per benchmark: out.csv -> out.layer_norm.csv (options as "--csv FILE" or "--csv=FILE")
+        args = list(argv)
+        for i, a in enumerate(args):
+            flag, eq, value = a.partition("=")
+            if flag in outputs and eq:
+                args[i] = f"{flag}={_bench_file(value, n)}"
+            elif a in outputs and i + 1 < len(args):
+                args[i + 1] = _bench_file(args[i + 1], n)
+        importlib.import_module(f"fastformer.benchmarks.bench_{n}").main(args)
+
+
+def _bench_file(path: str, name: str) -> str:
+    root, ext = os.path.splitext(path)
+    return f"{root}.{name}{ext}"
 
 
 def _interpret_triton_on_cpu(device: str | None) -> None:
@@ -127,11 +172,18 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastformer", description=__doc__)
+    description = "fastformer: fused Transformer kernels. Commands: info, bench, build, inspect, compare and demo."
+    parser = argparse.ArgumentParser(prog="fastformer", description=description)
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions, device, backends, extension status")
-    b = sub.add_parser("bench", help="run a microbenchmark (extra arguments go to it; try --help after the name)")
-    b.add_argument("name", choices=(*BENCHES, "all"))
+    # no -h of its own: `bench NAME --help` reaches that benchmark's parser, and bench() answers `bench --help`
+    b = sub.add_parser(
+        "bench",
+        add_help=False,
+        usage="fastformer bench NAME [options]",
+        help="run a microbenchmark (extra arguments go to it; try --help after the name)",
+    )
+    b.add_argument("name", nargs="?", choices=(*BENCHES, "all"), metavar="NAME")
     sub.add_parser("build", help="build fastformer._C into the per-user cache (needs nvcc)")
     # its own options (and --help) are parsed by fastformer.inspect
     sub.add_parser("inspect", add_help=False, help="compile every Triton launch for sm_90/sm_80: resources, no GPU")
@@ -145,6 +197,12 @@ def main(argv: list[str] | None = None) -> None:
     args, rest = parser.parse_known_args(argv)
     if rest and args.cmd not in ("bench", "inspect"):  # before running anything
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    from fastformer import backends
+
+    try:
+        backends.selected()  # a bad FASTFORMER_BACKEND is one line and exit code 2, not a traceback later
+    except ValueError as e:
+        parser.error(str(e))
     if args.cmd == "info":
         info()
     elif args.cmd == "bench":
