@@ -8,6 +8,9 @@ Public ops (each takes ``backend=`` or follows :func:`use_backend` / ``FASTFORME
 - ``patch``, ``unpatch``, ``patch_gpt2``, ``patch_bert``: run ``transformers`` GPT-2 / BERT / RoBERTa on the fused ops
   (:mod:`fastformer.hf`); ``attn_implementation="fastformer"`` works once ``fastformer`` is imported.
 
+The torch backend (the CPU path) draws dropout masks from torch's generator; inside ``with exact_dropout():`` it
+drops exactly the elements the fused kernels drop for the same seed (:mod:`fastformer.ops.dropout`).
+
 Modules live in :mod:`fastformer.nn`, models in :mod:`fastformer.models`.
 """
 
@@ -17,10 +20,11 @@ import importlib
 from typing import Any
 
 from fastformer.backends import BACKENDS, BackendError, available_backends, use_backend
+from fastformer.ops.attention import attention, attention_varlen, pad_input, scaled_dot_product_attention, unpad_input
 
 # importing the ops registers torch.ops.fastformer.* (needed to run or load a graph that uses them); they
 # do not import triton, which is loaded on the first Triton launch
-from fastformer.ops.attention import attention, attention_varlen, pad_input, scaled_dot_product_attention, unpad_input
+from fastformer.ops.dropout import exact_dropout
 from fastformer.ops.ffn import feed_forward, linear
 from fastformer.ops.layer_norm import dropout_add_layer_norm, layer_norm
 
@@ -41,6 +45,7 @@ __all__ = [
     "attention_varlen",
     "available_backends",
     "dropout_add_layer_norm",
+    "exact_dropout",
     "feed_forward",
     "layer_norm",
     "linear",

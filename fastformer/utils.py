@@ -63,6 +63,8 @@ def row_settings(n_cols: int, elem_bytes: int) -> tuple[int, int, int]:
 def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
     """autocast's low-precision dtype when autocast is enabled on ``t``'s device, else None."""
     kind = t.device.type
+    if kind == "meta" or not torch.amp.is_autocast_available(kind):
+        return None  # meta tensors (shape inference) and devices autocast does not know
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
 

@@ -25,3 +25,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def exact_dropout():
+    """The torch backend draws the fused kernels' Philox masks: for tests that compare dropout across backends
+    or against the reference with a seed drawn for a fused backend."""
+    from fastformer.ops import dropout
+
+    with dropout.exact_dropout():
+        yield

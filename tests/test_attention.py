@@ -265,9 +265,13 @@ def _varlen_case(lens_q, lens_k, h, hkv, d, dtype):
 )
 @pytest.mark.usefixtures("bwd_mode")
 def test_varlen(lens_q, lens_k, hkv, d, causal, dtype):
+    _check_varlen(lens_q, lens_k, hkv, d, causal, dtype, FUSED)
+
+
+def _check_varlen(lens_q, lens_k, hkv, d, causal, dtype, backend):
     h = 4
     q, k, v, cu_q, cu_k = _varlen_case(lens_q, lens_k, h, hkv, d, dtype)
-    out = fastformer.attention_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, backend=FUSED)
+    out = fastformer.attention_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, backend=backend)
     g = torch.randn_like(out)
     grads = _grads(out, (q, k, v), g)
     for i in range(len(lens_q)):
@@ -315,6 +319,111 @@ def test_unpad_varlen_pad_matches_masked_dense():
     torch.testing.assert_close(gx, gd, atol=1e-5, rtol=1e-5)
 
 
+# --- the torch backend: torch's CPU flash kernel where it serves, the reference math elsewhere
+
+
+@pytest.fixture
+def flash_calls(monkeypatch):
+    """Counts the torch backend's calls of torch's CPU flash kernel (forward, backward)."""
+    from fastformer.ops.attention import torch_impl
+
+    calls = {"fwd": 0, "bwd": 0}
+    for name, key in (("_flash_fwd", "fwd"), ("_flash_bwd", "bwd")):
+        real = getattr(torch_impl, name)
+
+        def spy(*args, _real=real, _key=key):
+            calls[_key] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(torch_impl, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("mask", [None, "full_row"])
+@pytest.mark.parametrize("b,sq,sk,h,hkv,d,causal,dtype", CASES)
+def test_torch_backend_forward_backward(b, sq, sk, h, hkv, d, causal, dtype, mask, flash_calls):
+    """Every case of the fused matrix, with a key padding mask whose second batch row sees no key, non-contiguous
+    inputs and grad_output; on a CPU through torch's flash kernel."""
+    q = _rand(b, sq, h, 2 * d, dtype=dtype)[..., ::2]
+    k, v = _rand(b, sk, hkv, d, dtype=dtype), _rand(b, sk, hkv, d, dtype=dtype)
+    m = _padding_mask(mask, max(b, 2), sk)[:b] if mask else None
+    g = torch.randn(b, h, sq, d, dtype=dtype, device=DEVICE).transpose(1, 2)
+    _check(q, k, v, g=g, causal=causal, key_padding_mask=m, backend="torch")
+    on_cpu_flash = DEVICE == "cpu"
+    assert flash_calls == {"fwd": int(on_cpu_flash), "bwd": int(on_cpu_flash)}
+
+
+@pytest.mark.parametrize("lens_q,lens_k,hkv,d,causal,dtype", [
+    ([5, 40, 1, 17], [5, 40, 1, 17], 2, 64, False, torch.float32),
+    ([33, 0, 70], [33, 0, 70], 1, 40, True, torch.float16),
+    ([3, 50, 20], [10, 33, 20], 2, 96, True, torch.float32),
+    ([4, 6], [0, 9], 4, 80, False, torch.float32),
+])  # fmt: skip
+def test_torch_backend_varlen(lens_q, lens_k, hkv, d, causal, dtype):
+    _check_varlen(lens_q, lens_k, hkv, d, causal, dtype, "torch")
+
+
+def test_torch_backend_float64_is_the_reference(flash_calls):
+    q, k, v = (_rand(2, 17, 2, 40, dtype=torch.float64) for _ in range(3))
+    out = fastformer.attention(q, k, v, causal=True, backend="torch")
+    torch.testing.assert_close(out, attention_reference(q, k, v, causal=True), atol=1e-12, rtol=1e-12)
+    assert flash_calls["fwd"] == 0
+
+
+@pytest.mark.parametrize("causal,hkv,dtype", [(True, 1, torch.float32), (False, 2, torch.float16)])
+def test_torch_backend_dropout_uses_torch_rng_and_matches_reference(causal, hkv, dtype):
+    """By default the torch backend draws its masks from torch's generator (not the kernels' Philox): forward
+    and every gradient match the reference that regenerates them from the seed; the kept fraction is 1 - p."""
+    b, s, h, d, p = 2, 40, 2, 40, 0.25
+    q, k, v = _rand(b, s, h, d, dtype=dtype), _rand(b, s, hkv, d, dtype=dtype), _rand(b, s, hkv, d, dtype=dtype)
+    m = _padding_mask("full_row", b, s)
+    torch.manual_seed(99)
+    seed = int(_dropout.new_seed(p))
+    assert _dropout.uses_torch_rng(seed)
+    torch.manual_seed(99)
+    out = fastformer.attention(q, k, v, causal=causal, key_padding_mask=m, dropout_p=p, backend="torch")
+    g = torch.randn_like(out)
+    grads = _grads(out, (q, k, v), g)
+    kw = dict(causal=causal, key_padding_mask=m, dropout_p=p, seed=seed)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attention_reference(q64, k64, v64, **kw)
+    qp, kp, vp = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    pt = attention_reference(qp, kp, vp, upcast=False, **kw)
+    assert_close_2x("out", out, ref, pt)
+    for name, a, r, pp in zip(("dq", "dk", "dv"), grads, _grads(ref, (q64, k64, v64), g.double()),
+                              _grads(pt, (qp, kp, vp), g), strict=True):  # fmt: skip
+        assert_close_2x(name, a, r, pp)
+    keep_torch = _keep_from_output("torch", 0.3, 123, sq=64, sk=64)
+    with _dropout.exact_dropout():
+        keep_philox = _keep_from_output("torch", 0.3, 123, sq=64, sk=64)
+    assert not torch.equal(keep_torch, keep_philox)
+    for keep in (keep_torch, keep_philox):
+        n = keep.numel()
+        assert set(keep.unique().tolist()) <= {0.0, 1.0}
+        assert abs(keep.sum().item() - n * 0.7) <= 4 * math.sqrt(n * 0.3 * 0.7)
+
+
+def test_dropout_mode_travels_with_the_seed():
+    """A forward under exact_dropout and its backward outside it use the same (Philox) mask, and the reverse."""
+    q, k, v = (_rand(1, 24, 2, 16) for _ in range(3))
+    results = []
+    for exact_fwd in (True, False):
+        torch.manual_seed(5)
+        with _dropout.exact_dropout(exact_fwd):
+            out = fastformer.attention(q, k, v, dropout_p=0.3, backend="torch")
+        with _dropout.exact_dropout(not exact_fwd):
+            grads = _grads(out, (q, k, v), torch.ones_like(out))
+        torch.manual_seed(5)
+        with _dropout.exact_dropout(exact_fwd):
+            seed = int(_dropout.new_seed(0.3))
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        ref = attention_reference(q64, k64, v64, dropout_p=0.3, seed=seed)
+        for a, r in zip(grads, _grads(ref, (q64, k64, v64), torch.ones_like(ref)), strict=True):
+            torch.testing.assert_close(a.double(), r, atol=1e-5, rtol=1e-5)
+        results.append(out)
+    assert not torch.equal(results[0], results[1])
+
+
 # --- dropout
 
 
@@ -330,6 +439,7 @@ def _keep_from_output(backend: str, p: float, seed_state: int, b=2, h=2, sq=24, 
     return (out * (1 - p) * sk).round().permute(0, 2, 1, 3)  # (B, H, Sq, Sk)
 
 
+@pytest.mark.usefixtures("exact_dropout")
 def test_dropout_mask_matches_torch_backend_and_philox():
     p = 0.3
     keep_t = _keep_from_output(FUSED, p, 123)
@@ -361,7 +471,7 @@ def test_dropout_reproducible_and_p0_exact():
 
 
 @pytest.mark.parametrize("causal,hkv,dtype", [(True, 1, torch.float32), (False, 2, torch.float16)])
-@pytest.mark.usefixtures("bwd_mode")
+@pytest.mark.usefixtures("bwd_mode", "exact_dropout")
 def test_dropout_gradients(causal, hkv, dtype):
     b, s, h, d, p = 2, 40, 2, 40, 0.25
     q, k, v = _rand(b, s, h, d, dtype=dtype), _rand(b, s, hkv, d, dtype=dtype), _rand(b, s, hkv, d, dtype=dtype)
@@ -385,6 +495,7 @@ def test_dropout_gradients(causal, hkv, dtype):
 
 
 @pytest.mark.usefixtures("bwd_mode")
+@pytest.mark.usefixtures("exact_dropout")
 def test_dropout_varlen_matches_torch_backend():
     q, k, v, cu_q, cu_k = _varlen_case([7, 30, 12], [9, 30, 4], 4, 2, 32, torch.float32)
     res = {}
@@ -539,6 +650,34 @@ def test_sdpa_other_masks_fall_back_with_one_warning():
     )
 
 
+def _sdpa_unfused_cases():
+    q, k, v = (torch.randn(2, 2, 9, 16, device=DEVICE) for _ in range(3))
+    bool_mask = torch.rand(2, 1, 1, 9, device=DEVICE) > 0.3
+    yield "head dimension 12", (*(torch.randn(2, 2, 9, 12, device=DEVICE) for _ in range(3)),), {}
+    yield "float64", (q.double(), k.double(), v.double()), {}
+    yield "strided last dimension", (torch.randn(2, 2, 9, 32, device=DEVICE)[..., ::2], k, v), {}
+    yield "is_causal together with attn_mask", (q, k, v), {"is_causal": True, "attn_mask": bool_mask}
+    yield "top-left aligned", (q, k[:, :, :5], v[:, :, :5]), {"is_causal": True}
+    yield "only 4-D", (q[0], k[0], v[0]), {}
+    yield "non-boolean attn_mask", (q, k, v), {"attn_mask": torch.randn(2, 2, 9, 9, device=DEVICE)}
+
+
+@pytest.mark.parametrize("match,args,kw", list(_sdpa_unfused_cases()), ids=lambda x: x if isinstance(x, str) else "")
+def test_sdpa_never_falls_back_silently_under_a_named_backend(match, args, kw):
+    """Named fused backend: BackendError saying why; torch backend: torch's SDPA without a warning; auto: a warning."""
+    import fastformer.ops.attention.sdpa as A
+
+    with fastformer.use_backend(FUSED), pytest.raises(fastformer.BackendError, match=match):
+        fastformer.scaled_dot_product_attention(*args, **kw)
+    ref = F.scaled_dot_product_attention(*args, **kw)
+    with fastformer.use_backend("torch"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(fastformer.scaled_dot_product_attention(*args, **kw), ref)
+    A._SDPA_WARNED.clear()
+    with fastformer.use_backend("auto"), pytest.warns(UserWarning, match=match):
+        torch.testing.assert_close(fastformer.scaled_dot_product_attention(*args, **kw), ref)
+
+
 @pytest.mark.parametrize("backend,n_kv,causal", [("torch", None, True), (FUSED, 2, False)])
 def test_multihead_self_attention_matches_plain_torch(backend, n_kv, causal):
     d_model, h, b, t = 64, 4, 2, 19
@@ -627,8 +766,20 @@ def _bad_cases():
     yield "k and v must have the same shape", ValueError, (q, k, v[:, :5]), {}
     yield "head dimension 16 does not match", ValueError, (torch.randn(2, 8, 4, 24), k, v), {}
     yield "must divide", ValueError, (q, torch.randn(2, 8, 3, 16), torch.randn(2, 8, 3, 16)), {}
-    yield "head dimension 12 is not supported", ValueError, (torch.randn(2, 8, 4, 12),) * 3, {}
-    yield "head dimension 264", ValueError, (torch.randn(1, 2, 1, 264),) * 3, {}
+    yield (
+        "head dimension 12 is not supported by the fused",
+        fastformer.BackendError,
+        (torch.randn(2, 8, 4, 12),) * 3,
+        {},
+    )
+    yield "head dimension 264", fastformer.BackendError, (torch.randn(1, 2, 1, 264),) * 3, {}
+    yield (
+        "float64 is served by the torch backend only",
+        fastformer.BackendError,
+        (q.double(), k.double(), v.double()),
+        {},
+    )
+    yield "head dimension must be at least 1", ValueError, (torch.randn(2, 8, 4, 0),) * 3, {}
     yield "key_padding_mask must have shape", ValueError, (q, k, v), {"key_padding_mask": torch.ones(2, 7, dtype=bool)}
     yield "key_padding_mask must be bool", TypeError, (q, k, v), {"key_padding_mask": torch.ones(2, 8)}
     yield "k has dtype", TypeError, (q, k.half(), v), {}
@@ -672,6 +823,17 @@ def test_triton_refuses_a_scale_it_cannot_fold_and_torch_serves_it(scale):
     out = fastformer.attention(q, k, v, causal=True, key_padding_mask=m, softmax_scale=scale, backend="torch")
     ref = attention_reference(q, k, v, causal=True, key_padding_mask=m, softmax_scale=scale)
     torch.testing.assert_close(out, ref, equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    "d,dtype", [(12, torch.float32), (264, torch.float32), (5, torch.float64), (40, torch.float64)]
+)
+def test_torch_backend_serves_any_head_dim_and_float64(d, dtype):
+    """The fused kernels' limits are theirs: the torch backend (and auto on a CPU) serves these, by the 2x rule."""
+    q, k, v = _rand(2, 9, 2, d, dtype=dtype), _rand(2, 11, 1, d, dtype=dtype), _rand(2, 11, 1, d, dtype=dtype)
+    _check(q, k, v, causal=True, key_padding_mask=_padding_mask("full_row", 2, 11), backend="torch")
+    if DEVICE == "cpu":
+        assert fastformer.attention(q, k, v).shape == q.shape  # auto
 
 
 def test_bad_varlen_inputs():

@@ -160,3 +160,22 @@ def test_import_registers_ops_without_importing_triton():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_cli_bad_arguments_and_environment_are_one_line_errors(monkeypatch, capsys):
+    """``info --bogus`` and a bad FASTFORMER_BACKEND exit 2 with one line before running anything; --help is plain."""
+    from fastformer import cli
+
+    for argv, env, needle in ((["info", "--bogus"], None, "unrecognized arguments: --bogus"),
+                              (["info"], "bogus", "FASTFORMER_BACKEND: unknown backend 'bogus'")):  # fmt: skip
+        if env:
+            monkeypatch.setenv("FASTFORMER_BACKEND", env)
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        out, err = capsys.readouterr()
+        assert exit_info.value.code == 2 and needle in err and out == "" and "Traceback" not in err
+    monkeypatch.delenv("FASTFORMER_BACKEND")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "``" not in out and "info, bench" in out

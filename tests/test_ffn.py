@@ -65,9 +65,12 @@ def _run_linear_case(M, K, N, act, bias, dtype, layout, lead, noncontig, backend
     x.requires_grad_()
     w, b = _weights(K, N, dtype, layout, bias)
     state = torch.get_rng_state()
-    y = fastformer.linear(x, w, b, act, dropout_p=p, weight_layout=layout, recompute=recompute, backend=backend)
-    torch.set_rng_state(state)
-    seed_t = dropout.new_seed(p)  # the seed linear drew (none, and no draw, when p == 0)
+    # fused kernels draw Philox masks, which the reference emulates for seeds drawn under exact_dropout; the torch
+    # backend's default masks come from torch's generator (the reference follows the seed's mode)
+    with dropout.exact_dropout(backend != "torch"):
+        y = fastformer.linear(x, w, b, act, dropout_p=p, weight_layout=layout, recompute=recompute, backend=backend)
+        torch.set_rng_state(state)
+        seed_t = dropout.new_seed(p)  # the seed linear drew (none, and no draw, when p == 0)
     seed = int(seed_t) if seed_t is not None else None
     g = torch.randn(*lead, N, device=DEVICE).to(dtype)
     if noncontig:
@@ -136,10 +139,11 @@ def _check_feed_forward_vs_float64(case):
     w1, b1 = _weights(d, d_ff, dtype, layout, True)
     w2, b2 = _weights(d_ff, d, dtype, layout, True)
     params = [x, w1, b1, w2, b2]
-    torch.manual_seed(123)
-    out = fastformer.feed_forward(*params, act, p, weight_layout=layout, recompute=recompute, backend=backend)
-    torch.manual_seed(123)
-    seed_t = dropout.new_seed(p)
+    with dropout.exact_dropout(backend != "torch"):  # as in _run_linear_case
+        torch.manual_seed(123)
+        out = fastformer.feed_forward(*params, act, p, weight_layout=layout, recompute=recompute, backend=backend)
+        torch.manual_seed(123)
+        seed_t = dropout.new_seed(p)
     seed = int(seed_t) if seed_t is not None else None
     g = _noncontig(torch.randn(M, d, device=DEVICE).to(dtype))
     ours = [out, *_grads(out, params, g)]
@@ -298,6 +302,7 @@ def _identity_ffn(p: float, backend: str, seed: int = 7, second_layer: bool = Tr
     return x, fastformer.feed_forward(x, eye, None, eye, None, None, p, backend=backend)
 
 
+@pytest.mark.usefixtures("exact_dropout")
 def test_dropout_reproducible_binomial_and_backends_agree():
     p = 0.3
     x, a = _identity_ffn(p, "triton")
@@ -315,6 +320,7 @@ def test_dropout_reproducible_binomial_and_backends_agree():
     assert abs(kept.sum().item() - mean) < 5 * std, f"kept {kept.sum().item()} of {n}, expected ~{mean:.0f}"
 
 
+@pytest.mark.usefixtures("exact_dropout")
 def test_linear_dropout_backends_draw_identical_masks():
     p = 0.3
     x, ref = _identity_ffn(p, "torch", second_layer=False)
@@ -426,7 +432,7 @@ def _good():
         (dict(activation="swish"), ValueError, "activation: unknown activation 'swish'"),
         (dict(x=torch.ones(4, 8, dtype=torch.int64)), TypeError, "x must have a floating dtype"),
         (dict(w1=torch.randn(16, 8, dtype=torch.float16)), TypeError, "w1 has dtype torch.float16"),
-        (dict(b2=torch.randn(8, dtype=torch.float64)), TypeError, "b2 must have a floating dtype"),
+        (dict(b2=torch.randn(8, dtype=torch.float64)), TypeError, "b2 has dtype torch.float64 but x has"),
         (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
         (dict(dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\)"),
         (dict(weight_layout="oi"), ValueError, "weight_layout must be one of"),
@@ -544,6 +550,51 @@ def test_backward_keeps_at_most_input_and_pre_activation(recompute):
     assert len(wide) == (0 if recompute else 1)
     out.sum().backward()
     assert x.grad is not None and w1.grad is not None and b2.grad is not None
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_zero_in_features_returns_the_bias_as_f_linear(backend):
+    x = torch.randn(3, 2, 0, device=DEVICE, requires_grad=True)
+    w, b = torch.randn(5, 0, device=DEVICE, requires_grad=True), torch.randn(5, device=DEVICE, requires_grad=True)
+    y = fastformer.linear(x, w, b, "relu", backend=backend)
+    ref = F.relu(F.linear(x, w, b))
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    for a, r in zip(torch.autograd.grad(y, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g), strict=True):
+        torch.testing.assert_close(a, r)
+
+
+def test_meta_tensors_give_shapes():
+    """Shape inference on the meta device goes through the ops' fake implementations (no autocast lookup)."""
+    x, w1, w2 = (torch.empty(s, device="meta") for s in ((4, 7, 16), (32, 16), (16, 32)))
+    assert fastformer.linear(x, w1, None, "gelu").shape == (4, 7, 32)
+    assert fastformer.feed_forward(x, w1, None, w2, None).shape == (4, 7, 16)
+    q = torch.empty(2, 9, 4, 16, device="meta")
+    assert fastformer.attention(q, q, q, causal=True).shape == q.shape
+    assert fastformer.layer_norm(x, 16).shape == x.shape
+
+
+def test_torch_backend_serves_float64_and_fused_backends_refuse_it():
+    x = torch.randn(7, 13, dtype=torch.float64, requires_grad=True)
+    w1, b1 = torch.randn(29, 13, dtype=torch.float64), torch.randn(29, dtype=torch.float64)
+    w2 = torch.randn(13, 29, dtype=torch.float64)
+    out = fastformer.feed_forward(x, w1, b1, w2, None, "gelu", backend="torch")
+    ref = ffn.feed_forward_reference(x, w1, b1, w2, None, "gelu")
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    (dx,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(dx, torch.autograd.grad(ref.sum(), x)[0], atol=1e-12, rtol=1e-12)
+    with pytest.raises(fastformer.BackendError, match="float64 is served by the torch backend only"):
+        fastformer.linear(x, w1, b1, backend="triton")
+
+
+@pytest.mark.skipif(HAS_GPU, reason="the Triton interpreter's bfloat16 is refused on CPU only")
+def test_triton_interpreter_refuses_bfloat16():
+    x, w = torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(5, 8, dtype=torch.bfloat16)
+    with pytest.raises(fastformer.BackendError, match="computes bfloat16 wrongly"):
+        fastformer.linear(x, w, backend="triton")
+    with pytest.raises(fastformer.BackendError, match="computes bfloat16 wrongly"):
+        fastformer.feed_forward(x, w, None, w.t().contiguous(), None, backend="triton")
+    torch.testing.assert_close(fastformer.linear(x, w, backend="torch"), F.linear(x, w))
 
 
 def test_autocast_casts_like_f_linear():

@@ -420,6 +420,8 @@ def test_bad_inputs_name_the_argument() -> None:
         (lambda: bert(ids, token_type_ids=torch.zeros(2, 7, dtype=torch.long)), ValueError, "token_type_ids"),
         (lambda: bert(ids, position_ids=torch.full((2, 8), 32)), ValueError, "position_ids"),
         (lambda: bert(ids, labels=ids[:, :3]), ValueError, "labels"),
+        (lambda: bert(ids[:, :0]), ValueError, "input_ids: sequence length must be at least 1"),
+        (lambda: BertModel(BertConfig.from_name("bert-tiny"))(ids[:, :0]), ValueError, "input_ids"),
     ]
     for fn, exc, name in cases:
         with pytest.raises(exc, match=name):
@@ -450,6 +452,7 @@ def bert_batch(vocab: int = 101) -> dict:
     return dict(input_ids=ids, attention_mask=mask, labels=labels, next_sentence_label=torch.tensor([1, 0]))
 
 
+@pytest.mark.usefixtures("exact_dropout")
 def test_triton_backend_end_to_end(monkeypatch: pytest.MonkeyPatch) -> None:
     """One forward+backward with dropout on, triton (interpreted on CPU) vs torch: same seeds give same masks.
     The config's backend must reach every op call."""

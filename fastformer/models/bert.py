@@ -110,6 +110,8 @@ class BertModel(HFLoadable, nn.Module):
         check_ids(input_ids, "input_ids", cfg.vocab_size, cfg.max_position_embeddings)
         mask = check_mask(attention_mask, "attention_mask", input_ids)
         B, S = input_ids.shape
+        if S == 0:  # the pooler and every [CLS] head read the first position
+            raise ValueError("input_ids: sequence length must be at least 1 ([CLS]), got shape (batch, 0)")
         for name, ids, n in (("token_type_ids", token_type_ids, cfg.type_vocab_size),
                              ("position_ids", position_ids, cfg.max_position_embeddings)):  # fmt: skip
             if ids is not None:

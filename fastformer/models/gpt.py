@@ -157,6 +157,7 @@ class GPT(HFLoadable, GenerationMixin, nn.Module):
         if labels is not None:
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels must have shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
-            shifted = logits[:, :-1].float()  # (B, T-1, V)
-            loss = F.cross_entropy(shifted.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+            # shift the labels, not the logits: a (B, T-1, V) slice would be copied, and its gradient zero-filled
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return CausalLMOutput(logits=logits, loss=loss)

@@ -10,8 +10,9 @@ fakes and autograd rebuild the object with ``Args(*rest)`` and hand it to the ba
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import ModuleType
 from typing import Any, ClassVar, TypeVar
 
@@ -34,17 +35,19 @@ class OpArgs:
         """The fields as a torch.library schema fragment, e.g. ``Tensor? weight, float eps, str backend``."""
         return ", ".join(f"{_SCHEMA_TYPES[f.type]} {f.name}" for f in dataclasses.fields(cls))
 
+    NAMES: ClassVar[tuple[str, ...]] = ()  # the field names, set by :func:`define` (read per call: kept, not derived)
+
     @classmethod
     def count(cls) -> int:
-        return len(dataclasses.fields(cls))
+        return len(cls.NAMES)
 
     def values(self) -> tuple[Any, ...]:
         """The fields in order, as the custom ops take them."""
-        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+        return tuple(getattr(self, n) for n in self.NAMES)
 
     def grads(self, **named: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         """One autograd output per field: the given gradients by field name, None elsewhere."""
-        names = [f.name for f in dataclasses.fields(self)]
+        names = self.NAMES
         unknown = set(named) - set(names)
         if unknown:
             raise KeyError(f"{type(self).__name__} has no fields {sorted(unknown)}")
@@ -52,7 +55,13 @@ class OpArgs:
 
     def impl(self) -> ModuleType:
         """The backend module serving this call: fastformer/ops/<op>/<backend>_impl.py (imported on first use)."""
-        return importlib.import_module(f"fastformer.ops.{self.OP}.{self.backend}_impl")  # type: ignore[attr-defined]
+        return _impl(self.OP, self.backend)  # type: ignore[attr-defined]
+
+
+# cached: an op's Python overhead counts on a CPU, where a decode step's ops take microseconds
+@functools.cache
+def _impl(op: str, backend: str) -> ModuleType:
+    return importlib.import_module(f"fastformer.ops.{op}.{backend}_impl")
 
 
 def define(
@@ -63,8 +72,44 @@ def define(
     ``fn`` receives the arguments positionally: the front ones, then the fields of ``args`` (rebuild it with
     ``args(*rest)``). Register the fake and autograd on the returned definition.
     """
+    args.NAMES = tuple(f.name for f in dataclasses.fields(args))
     schema = f"({', '.join(part for part in (front, args.schema()) if part)}) -> {returns}"
     return torch.library.custom_op(f"fastformer::{name}", fn, mutates_args=(), schema=schema)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain_inference(*groups: Iterable[Any]) -> bool:
+    """Whether a call can skip the dispatcher: eager, no autograd needed, no mode or transform watching, and
+    every tensor among ``groups`` a plain tensor with storage (no subclass, fake or meta tensor)."""
+    if (
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._is_torch_function_mode_enabled()
+    ):
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return False
+    grad = torch.is_grad_enabled()
+    for group in groups:
+        for t in group:
+            if isinstance(t, torch.Tensor) and (type(t) not in _PLAIN or t.is_meta or (grad and t.requires_grad)):
+                return False
+    return True
+
+
+def invoke(op: torch.library.CustomOpDef, direct: Callable[..., Any], a: OpArgs, *front: Any) -> Any:
+    """``op(*front, *a.values())``, or, in plain eager inference, ``direct(a, *front)``: what the op's body runs.
+
+    The same function computes either way; the dispatcher's route through a Python custom op (schema checks,
+    the autograd wrapper, redispatch) costs 50-100 us a call, more than a decode step's LayerNorm on a CPU.
+    Autograd, torch.compile, fake/meta tensors, dispatch modes (profilers, opcheck) and functorch transforms
+    all still go through ``op``.
+    """
+    if _plain_inference(front, a.__dict__.values()):
+        return direct(a, *front)
+    return op(*front, *a.values())
 
 
 def split(inputs: tuple[Any, ...], args: type[A]) -> tuple[tuple[Any, ...], A]:

@@ -206,7 +206,8 @@ def equivalence(device: torch.device, fused: str, steps: int, seed: int) -> dict
             losses[backend] = []
             for _ in range(steps):
                 b = to_device(_check_batch(kind, gen), device)
-                with fastformer.use_backend(backend):
+                # exact_dropout: were dropout on, the torch backend would drop the elements the kernels drop
+                with fastformer.use_backend(backend), fastformer.exact_dropout():
                     loss, _ = step_loss(kind, model, b)
                 update(model, opt, loss)
                 losses[backend].append(loss.item())

@@ -10,17 +10,19 @@ import torch
 import torch.nn.functional as F
 
 from fastformer import backends, utils
-from fastformer.ops import dropout
-from fastformer.ops.attention.op import AttentionArgs, attention_fwd
+from fastformer.ops import _custom, dropout
+from fastformer.ops.attention.op import AttentionArgs, attention_fwd, run_fwd
 
 
-def _check_head_dim(d: int, name: str = "q") -> None:
+def _fused_head_dim_reason(d: int) -> str | None:
+    """Why the fused kernels cannot take head dimension ``d`` (the torch backend takes any), or None."""
     if d % 8 != 0 or not 8 <= d <= 256:
-        raise ValueError(f"{name}: head dimension {d} is not supported; it must be a multiple of 8 in [8, 256]")
+        return f"head dimension {d} is not supported by the fused kernels (a multiple of 8 in [8, 256])"
+    return None
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank: int) -> None:
-    utils.check_float(q, "q")
+    utils.check_float(q, "q", (*utils.FLOAT_DTYPES, torch.float64))
     utils.check_like(k, "k", q, "q")
     utils.check_like(v, "v", q, "q")
     layout = "(batch, seqlen, nheads, headdim)" if rank == 4 else "(total_tokens, nheads, headdim)"
@@ -36,13 +38,24 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank: int) -> 
     h, hkv = q.shape[-2], k.shape[-2]
     if hkv == 0 or h % hkv != 0:
         raise ValueError(f"k: number of kv heads ({hkv}) must divide the number of query heads ({h})")
-    _check_head_dim(q.shape[-1])
+    if q.shape[-1] == 0:
+        raise ValueError("q: head dimension must be at least 1, got 0")
 
 
-def _why_not(backend: str, scale: float) -> str | None:
-    """Why ``backend`` cannot serve this call, or None (the torch and cuda backends take any scale)."""
-    if backend == "triton" and not 0.0 < scale < math.inf:
-        return f"the Triton kernels fold the softmax scale into exp2 and need a positive finite scale, got {scale}"
+def _why_not(backend: str, scale: float, q: torch.Tensor) -> str | None:
+    """Why ``backend`` cannot serve this call, or None: the torch backend serves every shape and float dtype."""
+    if backend == "torch":
+        return None
+    if q.dtype == torch.float64:
+        return "float64 is served by the torch backend only"
+    why = _fused_head_dim_reason(q.shape[-1])
+    if why is not None:
+        return why
+    if backend == "triton":
+        if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+            return "the Triton interpreter computes bfloat16 wrongly (test bfloat16 on a GPU)"
+        if not 0.0 < scale < math.inf:
+            return f"the Triton kernels fold the softmax scale into exp2 and need a positive finite scale, got {scale}"
     return None
 
 
@@ -108,11 +121,11 @@ def attention(
     mask = _check_mask(key_padding_mask, q, k)
     scale = _check_scale(softmax_scale, q.shape[-1])
     p = dropout.check_p(dropout_p)
-    name = backends.select("attention", q.device, backend, lambda b: _why_not(b, scale))
+    name = backends.select("attention", q.device, backend, lambda b: _why_not(b, scale, q))
     a = AttentionArgs(
         q, k, v, mask, None, None, dropout.new_seed(p), q.shape[1], k.shape[1], bool(causal), scale, p, name
     )
-    return attention_fwd(*a.values())[0]
+    return _custom.invoke(attention_fwd, run_fwd, a)[0]
 
 
 def _check_cu(cu: torch.Tensor, name: str, q: torch.Tensor) -> None:
@@ -195,10 +208,10 @@ def attention_varlen(
     _check_cu_values(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, "max_seqlen_k")
     scale = _check_scale(softmax_scale, q.shape[-1])
     p = dropout.check_p(dropout_p)
-    name = backends.select("attention_varlen", q.device, backend, lambda b: _why_not(b, scale))
+    name = backends.select("attention_varlen", q.device, backend, lambda b: _why_not(b, scale, q))
     cu = (cu_seqlens_q, cu_seqlens_k)
     a = AttentionArgs(q, k, v, None, *cu, dropout.new_seed(p), max_seqlen_q, max_seqlen_k, bool(causal), scale, p, name)
-    return attention_fwd(*a.values())[0]
+    return _custom.invoke(attention_fwd, run_fwd, a)[0]
 
 
 def unpad_input(x: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:

@@ -131,9 +131,13 @@ class AttentionArgs(_custom.OpArgs):
         return dataclasses.replace(self, q=lastdim(self.q), k=lastdim(self.k), v=lastdim(self.v))
 
 
-def _attention_fwd(*fields) -> tuple[Tensor, Tensor]:
-    a = AttentionArgs(*fields)
+def run_fwd(a: AttentionArgs) -> tuple[Tensor, Tensor]:
+    """(out, lse): the forward custom op's body, also called directly in plain inference (``_custom.invoke``)."""
     return a.impl().fwd(a)
+
+
+def _attention_fwd(*fields) -> tuple[Tensor, Tensor]:
+    return run_fwd(AttentionArgs(*fields))
 
 
 def _attention_fwd_fake(*fields) -> tuple[Tensor, Tensor]:

@@ -8,17 +8,54 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from fastformer import utils
+from fastformer import backends, utils
 from fastformer.ops.attention.api import attention
 
 _SDPA_WARNED: set[str] = set()
 
 
 def _sdpa_fallback(reason: str, *args, **kwargs) -> torch.Tensor:
-    if reason not in _SDPA_WARNED:
+    """torch's SDPA for a call the fused kernel does not take: a BackendError under a named fused backend (never a
+    silent fallback), silently under the torch backend (torch's SDPA is its path), else with a one-time warning."""
+    name = backends.selected()
+    if name in ("triton", "cuda"):
+        raise backends.BackendError(f"scaled_dot_product_attention: backend {name!r} cannot serve this call: {reason}")
+    if name == "auto" and reason not in _SDPA_WARNED:
         _SDPA_WARNED.add(reason)
         warnings.warn(f"fastformer.scaled_dot_product_attention: {reason}; computing it with torch SDPA", stacklevel=3)
     return F.scaled_dot_product_attention(*args, **kwargs)
+
+
+def _torch_rejects(query, key, value, enable_gqa: bool) -> bool:
+    """Whether torch's SDPA raises for these tensors (its error, not ours, is the answer)."""
+    b, h, _, d = query.shape
+    hkv = key.shape[1]
+    return (
+        key.dtype != query.dtype
+        or value.dtype != query.dtype
+        or key.shape != value.shape
+        or key.shape[0] != b
+        or key.shape[-1] != d
+        or (h != hkv and not enable_gqa)
+        or hkv == 0
+        or h % hkv != 0
+    )
+
+
+def _unfused(query, key, value, attn_mask, is_causal: bool) -> str | None:
+    """Why the fused kernel does not take this valid call, or None."""
+    d = query.shape[-1]
+    if query.dtype not in utils.FLOAT_DTYPES:
+        return f"{str(query.dtype).replace('torch.', '')} is not fused"
+    if d % 8 != 0 or not 8 <= d <= 256:
+        return f"head dimension {d} is not fused (a multiple of 8 in [8, 256])"
+    if any(t.stride(-1) != 1 for t in (query, key, value)):
+        return "a strided last dimension is not fused"
+    if is_causal and attn_mask is not None:
+        return "is_causal together with attn_mask is not fused"
+    if is_causal and query.shape[2] != key.shape[2]:
+        return "is_causal with seqlen_q != seqlen_k is top-left aligned in torch"
+    return None
 
 
 def scaled_dot_product_attention(
@@ -34,34 +71,23 @@ def scaled_dot_product_attention(
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` on (B, H, S, D) tensors.
 
     Bool key-padding masks broadcastable to (B, 1, 1, Sk) and ``is_causal`` run on the fused kernel (the
-    transposed views are passed without copies). Any other mask, layout or option is computed by torch
-    SDPA, with a one-time warning, never an error of ours.
+    transposed views are passed without copies). Any other valid mask, layout, dtype or option is computed by
+    torch SDPA: with a one-time warning under ``auto``, silently under the ``torch`` backend, and never under a named
+    fused backend (``triton``, ``cuda``), which raises :class:`~fastformer.BackendError` saying why. Input that torch
+    rejects gets torch's own error.
     """
     kwargs = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     args = (query, key, value)
-    if not all(isinstance(t, torch.Tensor) for t in args) or query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
-        return F.scaled_dot_product_attention(*args, **kwargs)
-    b, h, sq, d = query.shape
-    hkv, sk = key.shape[1], key.shape[2]
-    if (
-        query.dtype not in utils.FLOAT_DTYPES
-        or key.dtype != query.dtype
-        or value.dtype != query.dtype
-        or key.shape != value.shape
-        or key.shape[0] != b
-        or key.shape[-1] != d
-        or (h != hkv and not enable_gqa)
-        or hkv == 0
-        or h % hkv != 0
-        or d % 8 != 0
-        or not 8 <= d <= 256
-        or any(t.stride(-1) != 1 for t in args)
-        or (is_causal and attn_mask is not None)
-    ):
-        # torch raises for what it rejects and computes the rest
-        return F.scaled_dot_product_attention(*args, **kwargs)
-    if is_causal and sq != sk:
-        return _sdpa_fallback("is_causal with seqlen_q != seqlen_k is top-left aligned in torch", *args, **kwargs)
+    if not all(isinstance(t, torch.Tensor) for t in args) or any(t.dim() < 2 for t in args):
+        return F.scaled_dot_product_attention(*args, **kwargs)  # torch's own errors
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        return _sdpa_fallback("only 4-D (B, H, S, D) tensors are fused", *args, **kwargs)
+    if _torch_rejects(query, key, value, enable_gqa):
+        return F.scaled_dot_product_attention(*args, **kwargs)  # torch raises for what it rejects
+    b, sk = query.shape[0], key.shape[2]
+    why = _unfused(query, key, value, attn_mask, is_causal)
+    if why is not None:
+        return _sdpa_fallback(why, *args, **kwargs)
     mask = None
     if attn_mask is not None:
         m = attn_mask

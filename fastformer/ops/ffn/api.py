@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor
 
 from fastformer import backends, utils
-from fastformer.ops import dropout
-from fastformer.ops.ffn.op import ACTIVATIONS, FFNArgs, ops
+from fastformer.ops import _custom, dropout
+from fastformer.ops.ffn.op import ACTIVATIONS, FFNArgs, ops, run_fwd
 
 _LAYOUTS = ("out_in", "in_out")
+_DTYPES = (*utils.FLOAT_DTYPES, torch.float64)  # float64 on the torch backend only
+
+
+def _why_not(backend: str, x: Tensor) -> str | None:
+    """Why ``backend`` cannot serve this call, or None: the torch backend serves every float dtype."""
+    if backend == "torch":
+        return None
+    if x.dtype == torch.float64:
+        return "float64 is served by the torch backend only"
+    if backend == "triton" and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        return "the Triton interpreter computes bfloat16 wrongly (test bfloat16 on a GPU)"
+    return None
 
 
 def check_activation(activation: str | None) -> str:
@@ -28,7 +43,7 @@ def _check_layout(weight_layout: str) -> bool:
 
 def _check_weight(w, name: str, x: Tensor, in_features: int, in_out: bool, x_name: str = "x.shape[-1]") -> int:
     """Checks a weight against ``x`` (dtype, device) and ``in_features``; returns its out_features."""
-    utils.check_float(w, name)
+    utils.check_float(w, name, _DTYPES)
     utils.check_like(w, name, x, "x")
     if w.dim() != 2:
         raise ValueError(f"{name} must be 2-D, got shape {tuple(w.shape)}")
@@ -45,7 +60,7 @@ def _check_weight(w, name: str, x: Tensor, in_features: int, in_out: bool, x_nam
 def _check_bias(b, name: str, x: Tensor, out_features: int) -> None:
     if b is None:
         return
-    utils.check_float(b, name)
+    utils.check_float(b, name, _DTYPES)
     utils.check_like(b, name, x, "x")
     if b.dim() != 1 or b.shape[0] != out_features:
         raise ValueError(f"{name} must have shape ({out_features},), got {tuple(b.shape)}")
@@ -59,7 +74,7 @@ def _run(op: str, names: tuple[str, str], settings: tuple, x: Tensor, *layers: T
     """
     activation, dropout_p, weight_layout, recompute, backend = settings
     x, *layers = utils.autocast_args(x, *layers)
-    utils.check_float(x, "x")
+    utils.check_float(x, "x", _DTYPES)
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension (..., in_features)")
     in_out = _check_layout(weight_layout)
@@ -72,17 +87,15 @@ def _run(op: str, names: tuple[str, str], settings: tuple, x: Tensor, *layers: T
     if w2 is not None:
         d_out = _check_weight(w2, "w2", x, d_ff, in_out, x_name="w1's out_features (d_ff)")
         _check_bias(b2, "b2", x, d_out)
-    x2 = x.reshape(-1, x.shape[-1])
-    # no dtype or shape refuses a backend here (not even bfloat16 on the Triton interpreter, which computes it
-    # wrongly: see kernels/ffn.py); only device-level reasons can
-    name = backends.select(op, x.device, backend)
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (M, K); -1 cannot be inferred when K = 0
+    name = backends.select(op, x.device, backend, lambda b: _why_not(b, x))
     # nothing to compute on empty problems: the reference handles every degenerate shape
     if x2.numel() == 0 or d_ff == 0 or d_out == 0:
         name = "torch"
     # the kernels read a bias with unit stride (a no-op for the usual contiguous parameter)
     b1, b2 = (b.contiguous() if b is not None else None for b in (b1, b2))
     a = FFNArgs(w1, b1, w2, b2, act, in_out, p, dropout.new_seed(p), name)
-    out, _ = ops(a)[0](x2, a.needs_pre and not recompute, *a.values())
+    out, _ = _custom.invoke(ops(a)[0], run_fwd, a, x2, a.needs_pre and not recompute)
     return out.view(*x.shape[:-1], d_out)
 
 

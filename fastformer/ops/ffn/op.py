@@ -113,9 +113,14 @@ def backward(a: FFNArgs, dy: Tensor, x: Tensor, pre: Tensor) -> tuple[Tensor, Te
     return dx, _weight_grad(impl, a, x, g, a.w1), _bias_grad(g, a.b1, x), *second
 
 
-def _ffn_fwd(x: Tensor, save_pre: bool, *rest) -> tuple[Tensor, Tensor]:
-    out, pre = forward(FFNArgs(*rest), x, save_pre)
+def run_fwd(a: FFNArgs, x: Tensor, save_pre: bool) -> tuple[Tensor, Tensor]:
+    """(out, pre or an empty placeholder): the forward custom ops' body, also called directly in plain inference."""
+    out, pre = forward(a, x, save_pre)
     return out, pre if pre is not None else x.new_empty(0)
+
+
+def _ffn_fwd(x: Tensor, save_pre: bool, *rest) -> tuple[Tensor, Tensor]:
+    return run_fwd(FFNArgs(*rest), x, save_pre)
 
 
 def _ffn_fwd_fake(x: Tensor, save_pre: bool, *rest) -> tuple[Tensor, Tensor]:

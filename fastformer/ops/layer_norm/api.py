@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from fastformer import backends, utils
-from fastformer.ops import dropout
-from fastformer.ops.layer_norm.op import LayerNormArgs, layer_norm_fwd
+from fastformer.ops import _custom, dropout
+from fastformer.ops.layer_norm.op import LayerNormArgs, layer_norm_fwd, run_fwd
 
 MAX_TRITON_N = 65536  # a row must fit in one Triton block (kernels/layer_norm.py)
 
@@ -46,7 +46,7 @@ def _validate(
             raise ValueError(f"residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
     if not isinstance(eps, (int, float)) or isinstance(eps, bool):
         raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    if not eps >= 0 or math.isinf(eps):
+    if not 0.0 <= eps < math.inf:  # (no math.isinf: eps may be a SymFloat under torch.compile(dynamic=True))
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     return shape
 
@@ -69,7 +69,7 @@ def _run(x, residual, weight, bias, shape, eps, p, backend, training):
     # the kernels read weight and bias as flat unit-stride vectors (a no-op for the usual contiguous parameters)
     weight, bias = (t.contiguous() if t is not None else None for t in (weight, bias))
     a = LayerNormArgs(weight, bias, n, float(eps), p, dropout.new_seed(p), name)
-    return layer_norm_fwd(x, residual, *a.values())
+    return _custom.invoke(layer_norm_fwd, run_fwd, a, x, residual)
 
 
 def layer_norm(

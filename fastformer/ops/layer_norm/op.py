@@ -100,8 +100,8 @@ def _param_shape(s: Tensor, a: LayerNormArgs) -> torch.Size:
     return s.shape[s.dim() - max(k, 1) :]
 
 
-def _layer_norm_fwd(x: Tensor, residual: Tensor | None, *rest) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    a = LayerNormArgs(*rest)
+def run_fwd(a: LayerNormArgs, x: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, s, mean, rstd): the forward custom op's body, also called directly in plain inference."""
     r2 = rows(residual, a.n) if residual is not None else None
     y, s, mean, rstd = a.impl().fwd(a, rows(x, a.n), r2)
     return y.view(x.shape), s.view(x.shape) if a.stores_s(residual) else s, mean, rstd
@@ -139,8 +139,13 @@ def _layer_norm_bwd_fake(_dy, _ds_out, s, _mean, _rstd, has_residual, *rest) -> 
     )
 
 
+def _layer_norm_fwd(x: Tensor, residual: Tensor | None, *rest) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return run_fwd(LayerNormArgs(*rest), x, residual)
+
+
+_FWD_RETURNS = "(Tensor, Tensor, Tensor, Tensor)"
 layer_norm_fwd = _custom.define(
-    "layer_norm_fwd", "Tensor x, Tensor? residual", LayerNormArgs, "(Tensor, Tensor, Tensor, Tensor)", _layer_norm_fwd
+    "layer_norm_fwd", "Tensor x, Tensor? residual", LayerNormArgs, _FWD_RETURNS, _layer_norm_fwd
 )
 layer_norm_fwd.register_fake(_layer_norm_fwd_fake)
 layer_norm_bwd = _custom.define(
