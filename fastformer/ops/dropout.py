@@ -168,4 +168,4 @@ def apply(t: torch.Tensor, seed: torch.Tensor | int | None, p: float) -> torch.T
         keep = torch_keep(seed, (rows, cols), p, t.device)
     else:
         keep = keep_mask(seed_int(seed), torch.arange(rows, dtype=torch.int64, device=t.device), cols, p)
-    return torch.where(keep, t * (1.0 / (1.0 - p)), 0.0)
+    return torch.where(keep, t, 0.0).mul_(1.0 / (1.0 - p))

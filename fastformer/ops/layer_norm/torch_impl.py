@@ -61,8 +61,9 @@ def bwd(
     w = a.w
     if s2.dtype == torch.float32:
         w32 = w.float() if w is not None else None
-        ds, dw, _ = torch.ops.aten.native_layer_norm_backward(
-            dy, s2, (n,), mean.view(m, 1), rstd.view(m, 1), w32, None, [True, w is not None, False]
+        b32 = a.b.float() if a.b is not None else None
+        ds, dw, db = torch.ops.aten.native_layer_norm_backward(
+            dy, s2, (n,), mean.view(m, 1), rstd.view(m, 1), w32, b32, [True, w is not None, b32 is not None]
         )
     else:
         xhat = (s2.to(compute) - mean.to(compute)[:, None]) * rstd.to(compute)[:, None]
@@ -70,10 +71,12 @@ def bwd(
         mean_gx, mean_g = (xhat * g).mean(dim=1, keepdim=True), g.mean(dim=1, keepdim=True)
         ds = (g - (xhat * mean_gx + mean_g)) * rstd.to(compute)[:, None]
         dw = (dy * xhat).sum(0) if w is not None else None
+        db = dy.sum(0) if a.bias is not None else None
     if dso2 is not None:
         ds = ds + dso2.to(compute)
     dx = dropout.apply(ds, a.seed, a.dropout_p) if a.dropout_p > 0 else ds
-    dres = ds.to(s2.dtype, copy=True) if has_res else s2.new_empty(0)  # must not alias dx
+    # dresidual is ds: a fresh tensor, copied only where dx is ds too (outputs of a custom op must not alias)
+    dres = (ds.to(s2.dtype, copy=dx is ds)) if has_res else s2.new_empty(0)
     dw = dw.to(w.dtype) if w is not None else s2.new_empty(0)
-    db = dy.sum(0).to(w.dtype if w is not None else s2.dtype) if a.bias is not None else s2.new_empty(0)
+    db = db.to(w.dtype if w is not None else s2.dtype) if a.bias is not None else s2.new_empty(0)
     return dx.to(s2.dtype), dres, dw, db
