@@ -290,6 +290,23 @@ def test_from_pretrained_reads_safetensors_and_bin(tmp_path) -> None:
         GPT.from_pretrained(tmp_path / "missing")
 
 
+class _Payload:
+    """Stands for an arbitrary pickled object: unpickling it would call its constructor (here harmlessly)."""
+
+
+def test_pickled_objects_in_a_checkpoint_are_refused(tmp_path) -> None:
+    """pytorch_model.bin is read with torch.load(weights_only=True): a pickled object is refused with a message
+    naming the file, before anything of it runs; safetensors are preferred when both exist."""
+    hf = hf_gpt2()
+    hf.config.save_pretrained(tmp_path)
+    torch.save({**hf.state_dict(), "extra": _Payload()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin holds pickled Python objects"):
+        GPT.from_pretrained(tmp_path)
+    hf.save_pretrained(tmp_path, safe_serialization=True)  # model.safetensors now wins over the .bin
+    ids = torch.randint(0, 97, (1, 5))
+    torch.testing.assert_close(GPT.from_pretrained(tmp_path, strict=True)(ids).logits, hf(ids).logits)
+
+
 def test_missing_and_unexpected_keys_are_named() -> None:
     path = minilm_dir()
     with pytest.warns(UserWarning, match=r"mlm\.dense\.weight"):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import warnings
 from typing import Any, ClassVar
@@ -185,7 +186,16 @@ def read_state_dict(path: str) -> dict[str, Tensor]:
             shards = sorted(set(json.load(f)["weight_map"].values()))
         return {k: v for shard in shards for k, v in load_file(os.path.join(path, shard)).items()}
     if os.path.exists(pt):
-        return torch.load(pt, map_location="cpu", weights_only=True)
+        try:  # tensors only: a pickle may run code when loaded, so arbitrary objects are refused
+            state = torch.load(pt, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(
+                f"path: {pt} holds pickled Python objects besides tensors; fastformer loads weights only "
+                "(torch.load(weights_only=True)). Convert it to model.safetensors if you trust its source."
+            ) from e
+        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+            raise ValueError(f"path: {pt} is not a state dict of tensors")
+        return state
     raise FileNotFoundError(f"path: no model.safetensors or pytorch_model.bin in {path}")
 
 
