@@ -31,7 +31,7 @@ step build 150 env MAX_JOBS=16 $PY -m fastformer._build -v
 step gpu_tests 180 $PY -m pytest tests -m gpu -q --maxfail=10 -p no:cacheprovider --junitxml="$LOG/gpu_tests.xml"
 step sanitizer 90 compute-sanitizer --tool memcheck --error-exitcode 9 $PY benchmarks/sanitize.py
 for b in layer_norm attention ffn models hf; do
-  step "bench_$b" 75 $PY -m fastformer.cli bench "$b" --quick --json "$LOG/bench_$b.json"
+  step "bench_$b" 75 $PY -m fastformer.cli bench "$b" --quick --json "$LOG/bench_$b.json" --csv "$LOG/bench_$b.csv"
 done
 if [ "${FULL:-0}" = 1 ]; then
   BUDGET=100000 step full_tests 600 $PY -m pytest tests -q -x -p no:cacheprovider
