@@ -120,11 +120,21 @@ def _flash_ok(a: AttentionArgs) -> bool:
     return a.q.device.type == "cpu" and a.dropout_p == 0.0 and a.q.dtype in _FLASH_DTYPES and not a.no_pairs
 
 
+def _hide_padded(k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(B, Hkv, Sk, D) k and v with padded keys' rows zeroed: a probability of 0 times a NaN or inf there would
+    still be NaN (and an additive -inf bias on a NaN score too), so masked-out keys must not reach the products."""
+    if mask is None:
+        return k, v
+    pad = ~mask[:, None, :, None]  # (B, 1, Sk, 1)
+    return k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
+
+
 def _flash_inputs(a: AttentionArgs) -> tuple[Tensor, Tensor, Tensor, Tensor | None, bool, Tensor | None]:
     """(q, k, v) as (B, H, S, D) views (k, v repeated per query head under GQA), the additive mask or None,
     is_causal, and the (B or 1, 1, Sq) rows with no visible key or None; for one dense (B, S, H, D) call."""
     # (B, H, S, D) views; the kernel misreads a strided head dimension, so those are copied once
     q, k, v = (lastdim(t).transpose(1, 2) for t in (a.q, a.k, a.v))
+    k, v = _hide_padded(k, v, a.key_padding_mask)
     if a.group > 1:
         k, v = k.repeat_interleave(a.group, dim=1), v.repeat_interleave(a.group, dim=1)
     sq, sk = q.shape[2], k.shape[2]
@@ -191,8 +201,8 @@ def _scores(a: AttentionArgs, f: torch.dtype) -> tuple[Tensor, Tensor, Tensor, T
     """(q, k, v) as (B, H, S, D) in ``f`` (k, v repeated per query head) and the scaled scores (B, H, Sq, Sk), -inf
     where a key is not visible; dense layout."""
     qf = a.q.to(f).transpose(1, 2)  # (B, H, Sq, D)
-    kf = a.k.to(f).transpose(1, 2).repeat_interleave(a.group, dim=1)  # (B, H, Sk, D)
-    vf = a.v.to(f).transpose(1, 2).repeat_interleave(a.group, dim=1)
+    kf, vf = _hide_padded(a.k.to(f).transpose(1, 2), a.v.to(f).transpose(1, 2), a.key_padding_mask)
+    kf, vf = kf.repeat_interleave(a.group, dim=1), vf.repeat_interleave(a.group, dim=1)  # (B, H, Sk, D)
     s = torch.matmul(qf, kf.transpose(-1, -2)).mul_(a.scale)
     vis = visible(qf.shape[2], kf.shape[2], a.causal, a.key_padding_mask, a.q.device)
     if vis is not None:
