@@ -304,7 +304,8 @@ def _fwd_key_tiles(
         # raw scores; the scale goes into the exp2 argument below (one multiply-add per element)
         s = tl.dot(q, kt, input_precision=DOT_PREC)
         if HAS_MASK:
-            s = tl.where(_key_on(Mask, b64, cols64, stride_mb, stride_mk, n_ok)[None, :], s, float("-inf"))
+            key_on = _key_on(Mask, b64, cols64, stride_mb, stride_mk, n_ok)
+            s = tl.where(key_on[None, :], s, float("-inf"))
         if EDGE:
             if IS_CAUSAL:
                 s = tl.where(offs_n[None, :] <= (last - start_n)[:, None], s, float("-inf"))
@@ -323,6 +324,9 @@ def _fwd_key_tiles(
             v = v_src.load([start_n, 0])
         else:
             v = _load_rows(v_src, cols64, stride_vs, offs_d, n_ok, d_ok, False)
+        if HAS_MASK:
+            # a masked key's P is 0, but 0 * NaN is NaN: whatever its V holds must not reach the product
+            v = tl.where(key_on[:, None], v, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
     return acc, l_i, m_i
@@ -628,6 +632,9 @@ def attention_bwd_dkdv_kernel(
     key_ok = n_ok
     if HAS_MASK:
         key_ok = n_ok & _key_on(Mask, b64, offs_n.to(tl.int64), stride_mb, stride_mk, n_ok)
+        # masked keys' rows enter every product of this program: zeroed, NaN or inf there cannot leak (0 * NaN)
+        k = tl.where(key_ok[:, None], k, 0.0)
+        v = tl.where(key_ok[:, None], v, 0.0)
     tail = start_n * BLOCK_N + BLOCK_N > seq_k
     qk_scale = sm_scale * _LOG2E
     causal_off = seq_k - seq_q
@@ -767,10 +774,15 @@ def attention_bwd_dq_kernel(
         cols64 = cols.to(tl.int64)
         kt = _load_rows(k_base, cols64, stride_ks, offs_d, n_ok, d_ok, True)
         vt = _load_rows(v_base, cols64, stride_vs, offs_d, n_ok, d_ok, True)
+        if HAS_MASK:
+            # masked keys: P = 0, and zeroed K^T / V^T columns so that NaN or inf there cannot leak (0 * NaN)
+            key_on = _key_on(Mask, b64, cols64, stride_mb, stride_mk, n_ok)
+            kt = tl.where(key_on[None, :], kt, 0.0)
+            vt = tl.where(key_on[None, :], vt, 0.0)
         s = tl.dot(q, kt, input_precision=DOT_PREC)
         p = tl.math.exp2(s * qk_scale - lse[:, None])
         if HAS_MASK:
-            p = tl.where(_key_on(Mask, b64, cols64, stride_mb, stride_mk, n_ok)[None, :], p, 0.0)
+            p = tl.where(key_on[None, :], p, 0.0)
         if start_n + BLOCK_N > mid:
             p = tl.where(_edge_ok(cols, offs_m, n_ok, causal_off, IS_CAUSAL), p, 0.0)
         dp = tl.dot(do, vt, input_precision=DOT_PREC)

@@ -105,17 +105,14 @@ def test_fp16_huge_dot_products_with_a_small_scale(backend):
 
 # ------------------------------------------------------------------------- NaN / inf in keys no query may see
 
-# Library bug (reported, not fixed here): non-finite K/V at hidden key positions leak into the results, so these
-# expectations fail today and are marked strict xfail (a fix turns them into XPASS failures: drop the mark).
-# - triton forward (kernels/attention.py:326): hidden scores are masked to -inf, so K is safe, but P = 0 multiplies
-#   V in tl.dot(p, v), and 0 * NaN = NaN;
-# - triton backward (kernels/attention.py:672, 679, 779-780): dS = P * (dP - Delta) with dP = dO V^T, then dS K:
-#   the zero P or dS of hidden keys multiplies their NaN V or K;
-# - torch backend, causally hidden keys only (padded keys' K and V rows are zeroed before any product): on CPU the
-#   flash kernel's -inf causal bias meets a NaN score (NaN + -inf = NaN), and P = 0 multiplies V as above. (Its
-#   dense path, used on CUDA, masks the scores with masked_fill instead, so only V leaks in its forward there.)
+# Padded keys (key_padding_mask False) are zeroed before they reach a product, in the Triton kernels and the torch
+# backend, so NaN or inf there cannot leak. Causally hidden keys still do (strict xfails: a fix turns them into XPASS
+# failures, so drop the mark then): the probabilities of the keys a row cannot see are 0 inside the tile's P V
+# (and dS K) products, and 0 * NaN = NaN; masking V per row is not possible, since other rows of the tile see those
+# keys. On CPU the torch backend's flash kernel also adds its -inf causal bias to a NaN score (NaN + -inf = NaN);
+# its dense path, used on CUDA, masks the scores with masked_fill instead, so only V leaks in its forward there.
 _TRITON_LEAK = pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="library bug: triton multiplies P = 0 / dS = 0 by hidden NaN V/K"
+    strict=True, raises=AssertionError, reason="library bug: triton, causally hidden NaN K/V times P = 0 or dS = 0"
 )
 _TORCH_LEAK = pytest.mark.xfail(
     strict=True, raises=AssertionError, reason="library bug: torch backend, causally hidden NaN K/V times P = 0"
@@ -123,7 +120,7 @@ _TORCH_LEAK = pytest.mark.xfail(
 
 
 def _leaks(backend: str, tensor: str, kind: str, gradients: bool) -> bool:
-    if backend == "torch" and kind == "padding":
+    if kind == "padding":
         return False
     if gradients or tensor == "v":
         return True
