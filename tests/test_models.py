@@ -696,3 +696,18 @@ def test_gpu_cuda_graph_training_step_replays(kind: str) -> None:
         replayed.append(static_loss.item())
     torch.testing.assert_close(torch.tensor(replayed), torch.tensor(eager_losses[3:]), rtol=2e-3, atol=2e-3)
     assert replayed[-1] < replayed[0], "the replayed steps must train"
+
+
+def test_torch_backend_runs_head_dims_and_dtypes_the_kernels_lack() -> None:
+    """A GPT with head dim 12 (n_embd 60, 5 heads) in float32 and float64 on the torch backend (auto on CPU) equals
+    transformers' GPT-2 of the same weights, forward and generate; the fused backend refuses with a reason."""
+    hf = hf_gpt2(n_embd=60, n_head=5)
+    ids = torch.randint(0, 97, (2, 11))
+    for dtype in (torch.float32, torch.float64):
+        ours, ref = GPT.from_hf(hf, strict=True).to(dtype).eval(), copy.deepcopy(hf).to(dtype)
+        tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(ours(ids).logits, ref(ids).logits, **tol)
+        expected = ref.generate(ids[:, :4], max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert torch.equal(ours.generate(ids[:, :4], max_new_tokens=5), expected)
+    with pytest.raises(fastformer.BackendError, match="head dimension 12"):
+        GPT(GPTConfig.from_name("gpt-tiny", n_embd=60, n_head=5, backend="triton"))(ids)
