@@ -73,7 +73,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastformer inspect", description=__doc__.split("\n\n")[0])
+    # the module docstring is reStructuredText: its double backticks are markup, not text for a terminal
+    description = __doc__.split("\n\n")[0].replace("``", "")
+    parser = argparse.ArgumentParser(prog="fastformer inspect", description=description)
     parser.add_argument("--arch", choices=("sm_90", "sm_80"), default="sm_90", help="target GPU architecture")
     parser.add_argument("--json", metavar="FILE", help="also write every row as JSON")
     parser.add_argument("--check", action="store_true", help="exit 1 on spills, smem overflow, non-wgmma matmuls")
