@@ -87,6 +87,14 @@ def _check_backend(backend: str | None) -> None:
         backends.selected(backend)  # ValueError naming the choices for an unknown name
 
 
+def _check_model(model: object) -> None:
+    """TypeError naming ``model`` unless it is an ``nn.Module`` instance (checked before transformers is imported)."""
+    if isinstance(model, type):
+        raise TypeError(f"model must be an nn.Module instance, got the class {model.__name__} (instantiate it first)")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+
+
 def patch(model: nn.Module, backend: str | None = None) -> nn.Module:
     """Run a ``transformers`` GPT-2, BERT or RoBERTa model on fastformer's fused ops, in place; returns ``model``.
 
@@ -96,6 +104,7 @@ def patch(model: nn.Module, backend: str | None = None) -> nn.Module:
     What the fused path cannot serve (``output_attentions=True``, ``head_mask``, a 4-D mask) runs the model's
     original attention for that call, with a one-time warning. :func:`unpatch` undoes it.
     """
+    _check_model(model)
     _check_backend(backend)
     register()
     tables = _loaded_tables()
@@ -130,6 +139,7 @@ def patch(model: nn.Module, backend: str | None = None) -> nn.Module:
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch` on ``model`` in place (classes and attention implementation as before); returns it."""
+    _check_model(model)
     for m in model.modules():
         base = type(m).__dict__.get("_fastformer_base")
         if base is not None:

@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from fastformer import utils
+from fastformer.nn._checks import check_int
 from fastformer.ops import dropout
 from fastformer.ops.attention import attention, attention_varlen
 from fastformer.ops.ffn import linear
@@ -46,8 +48,9 @@ class MultiheadSelfAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
-        if n_heads <= 0 or d_model % n_heads != 0:
+        d_model, n_heads = check_int(d_model, "d_model"), check_int(n_heads, "n_heads")
+        n_kv_heads = n_heads if n_kv_heads is None else check_int(n_kv_heads, "n_kv_heads")
+        if d_model <= 0 or n_heads <= 0 or d_model % n_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be a positive multiple of n_heads ({n_heads})")
         if n_kv_heads <= 0 or n_heads % n_kv_heads != 0:
             raise ValueError(f"n_kv_heads ({n_kv_heads}) must divide n_heads ({n_heads})")
@@ -73,6 +76,17 @@ class MultiheadSelfAttention(nn.Module):
         sequence lengths and the longest (see ``fastformer.attention_varlen``). kv_cache: a hook that stores the new
         keys/values and returns those to attend to, with a key mask or None (``KVCache.layer``).
         """
+        utils.check_tensor(x, "x")
+        if cu_seqlens is not None:
+            if x.dim() != 2:
+                raise ValueError(f"x must be 2-D (total_tokens, d_model) with cu_seqlens, got shape {tuple(x.shape)}")
+            for name, given in (("key_padding_mask", key_padding_mask), ("kv_cache", kv_cache)):
+                if given is not None:
+                    raise ValueError(f"{name} cannot be combined with cu_seqlens (the packed path would ignore it)")
+        elif x.dim() != 3:
+            raise ValueError(f"x must be 3-D (batch, seqlen, d_model) without cu_seqlens, got shape {tuple(x.shape)}")
+        if kv_cache is not None and not callable(kv_cache):
+            raise TypeError(f"kv_cache must be None or a callable hook (KVCache.layer), got {type(kv_cache).__name__}")
         h, hkv, be = self.n_heads, self.n_kv_heads, self.backend
         qkv = linear(x, self.qkv.weight, self.qkv.bias, backend=be)  # (..., (H + 2 Hkv) hs)
         q, k, v = qkv.unflatten(-1, (h + 2 * hkv, self.head_dim)).split([h, hkv, hkv], dim=-2)  # strided views

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastformer.nn._checks import check_size
 from fastformer.ops import dropout
 from fastformer.ops.ffn import check_activation, feed_forward
 
@@ -17,8 +18,8 @@ class FeedForward(nn.Module):
     and weights of existing models load unchanged.
 
     Args:
-        d_model: input and output features.
-        d_ff: hidden features (typically 4 * d_model).
+        d_model: input and output features (a positive int).
+        d_ff: hidden features (a positive int, typically 4 * d_model).
         activation: None, "gelu", "gelu_tanh" or "relu".
         dropout_p: dropout probability on the hidden activation while training, in [0, 1).
         bias: whether both layers have a bias.
@@ -41,6 +42,7 @@ class FeedForward(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        d_model, d_ff = check_size(d_model, "d_model"), check_size(d_ff, "d_ff")
         check_activation(activation)
         self.activation = activation
         self.dropout_p = dropout.check_p(dropout_p)

@@ -8,6 +8,7 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 from fastformer import backends, utils
 from fastformer.ops import _custom, dropout
@@ -137,21 +138,39 @@ def _check_cu(cu: torch.Tensor, name: str, q: torch.Tensor) -> None:
     utils.check_device(cu, name, q, "q")
 
 
-# cu_seqlens tensors already checked, with their version counter and the bounds they were checked against:
-# a model passes one tensor through every layer, so its values are read back once per forward, not per layer
-# (keyed by id with a weak reference: a WeakKeyDictionary would compare tensors with ==)
-_CHECKED_CU: dict[int, tuple[weakref.ref, tuple[int, int, int]]] = {}
+def _values_unknown(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values cannot be read here: while tracing (torch.compile), for meta and fake tensors (shape
+    inference) and during CUDA graph capture; value checks are skipped then, the shape checks still run."""
+    if torch.compiler.is_compiling() or t.is_meta or is_fake(t):
+        return True
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+# index tensors already checked (cu_seqlens, pad_input's indices), with their version counter and the bounds they
+# were checked against: a model passes one tensor through every layer, so its values are read back once per
+# forward, not per layer (keyed by id with a weak reference: a WeakKeyDictionary would compare tensors with ==)
+_CHECKED_CU: dict[int, tuple[weakref.ref, tuple]] = {}
+
+
+def _already_checked(t: torch.Tensor, key: tuple) -> bool:
+    seen = _CHECKED_CU.get(id(t))
+    return seen is not None and seen[0]() is t and seen[1] == (t._version, *key)
+
+
+def _remember_checked(t: torch.Tensor, key: tuple) -> None:
+    _CHECKED_CU[id(t)] = (weakref.ref(t, lambda _, i=id(t): _CHECKED_CU.pop(i, None)), (t._version, *key))
 
 
 def _check_cu_values(cu: torch.Tensor, name: str, total: int, max_seqlen: int, max_name: str) -> None:
-    # one small host read; skipped while tracing (torch.compile) where values are unknown
-    if torch.compiler.is_compiling() or cu.numel() < 2:
-        if cu.numel() == 1 and not torch.compiler.is_compiling() and int(cu[0]) != 0:
+    # one small host read; skipped where values are unknown (tracing, meta and fake tensors)
+    if _values_unknown(cu):
+        return
+    if cu.numel() < 2:
+        if cu.numel() == 1 and int(cu[0]) != 0:
             raise ValueError(f"{name}[0] must be 0")
         return
-    key = (cu._version, total, max_seqlen)
-    seen = _CHECKED_CU.get(id(cu))
-    if seen is not None and seen[0]() is cu and seen[1] == key:
+    key = ("cu", total, max_seqlen)
+    if _already_checked(cu, key):
         return
     lens = cu[1:] - cu[:-1]
     first, last, lo, hi = torch.stack([cu[0], cu[-1], lens.min(), lens.max()]).tolist()
@@ -161,7 +180,7 @@ def _check_cu_values(cu: torch.Tensor, name: str, total: int, max_seqlen: int, m
         raise ValueError(f"{name}[-1] = {last} exceeds the {total} packed tokens")
     if hi > max_seqlen:
         raise ValueError(f"{max_name} = {max_seqlen} is smaller than the longest sequence ({hi}) in {name}")
-    _CHECKED_CU[id(cu)] = (weakref.ref(cu, lambda _, i=id(cu): _CHECKED_CU.pop(i, None)), key)
+    _remember_checked(cu, key)
 
 
 def attention_varlen(
@@ -218,20 +237,32 @@ def unpad_input(x: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Te
     """Drop the padding tokens of a batch.
 
     Args:
-        x: (B, S, ...) padded batch.
-        attention_mask: (B, S) bool or integer, True/1 = real token.
+        x: (B, S, ...) padded batch, of any dtype (token ids too).
+        attention_mask: (B, S) bool or integer, True/1 = real token, on x's device.
 
     Returns:
         x_unpad (total, ...), indices (total,) int64 into the flattened (B*S) tokens, cu_seqlens (B + 1,)
-        int32 and max_seqlen (int). Differentiable with respect to ``x``.
+        int32 and max_seqlen (int). Differentiable with respect to ``x``. The output shapes depend on the mask's
+        values, so meta tensors are refused (ValueError).
     """
+    utils.check_tensor(x, "x")
     _check_bool_or_int(attention_mask, "attention_mask")
-    if x.dim() < 2 or attention_mask.shape != x.shape[:2]:
+    if x.dim() < 2:
+        raise ValueError(
+            f"x must be at least 2-D (batch, seqlen, ...) and attention_mask must have shape (batch, seqlen) of x, "
+            f"got x {tuple(x.shape)} and attention_mask {tuple(attention_mask.shape)}"
+        )
+    if attention_mask.shape != x.shape[:2]:
         raise ValueError(
             f"attention_mask must have shape {tuple(x.shape[:2])} (batch, seqlen) of x, "
             f"got {tuple(attention_mask.shape)}"
         )
     utils.check_device(attention_mask, "attention_mask", x, "x")
+    if attention_mask.is_meta:
+        raise ValueError(
+            "attention_mask is on meta: unpad_input needs the mask's values (the number of tokens it keeps sets the "
+            "output shapes), which meta tensors do not have"
+        )
     keep = attention_mask != 0
     seqlens = keep.sum(dim=1, dtype=torch.int32)
     indices = torch.nonzero(keep.flatten(), as_tuple=False).flatten()
@@ -241,12 +272,41 @@ def unpad_input(x: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Te
     return x_unpad, indices, cu_seqlens, max_seqlen
 
 
+def _check_size(value: int, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
 def pad_input(x_unpad: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
-    """Inverse of :func:`unpad_input`: scatter (total, ...) back to (batch, seqlen, ...) with zeros at padding."""
+    """Inverse of :func:`unpad_input`: scatter (total, ...) back to (batch, seqlen, ...) with zeros at padding.
+
+    ``indices``: (total,) integer tensor (as :func:`unpad_input` returns it) on x_unpad's device, each in
+    [0, batch * seqlen); ``batch``, ``seqlen``: non-negative ints.
+    """
+    utils.check_tensor(x_unpad, "x_unpad")
+    if x_unpad.dim() < 1:
+        raise ValueError("x_unpad must be at least 1-D (total, ...), got a 0-D tensor")
+    utils.check_tensor(indices, "indices")
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise TypeError(f"indices must be an integer tensor (int64, as unpad_input returns), got {indices.dtype}")
+    utils.check_device(indices, "indices", x_unpad, "x_unpad")
     if indices.dim() != 1 or indices.shape[0] != x_unpad.shape[0]:
         raise ValueError(
             f"indices must be 1-D with one entry per row of x_unpad ({x_unpad.shape[0]}), "
             f"got shape {tuple(indices.shape)}"
         )
-    out = x_unpad.new_zeros((batch * seqlen, *x_unpad.shape[1:]))
-    return out.index_copy(0, indices, x_unpad).view(batch, seqlen, *x_unpad.shape[1:])
+    _check_size(batch, "batch")
+    _check_size(seqlen, "seqlen")
+    n = batch * seqlen
+    if indices.numel() and not _values_unknown(indices) and not _already_checked(indices, ("pad", n)):
+        lo, hi = torch.stack([indices.min(), indices.max()]).tolist()  # one small host read
+        if lo < 0 or hi >= n:
+            raise ValueError(
+                f"indices holds values in [{lo}, {hi}], outside [0, batch * seqlen) = [0, {n}) "
+                f"(batch={batch}, seqlen={seqlen})"
+            )
+        _remember_checked(indices, ("pad", n))
+    out = x_unpad.new_zeros((n, *x_unpad.shape[1:]))
+    return out.index_copy(0, indices.long(), x_unpad).view(batch, seqlen, *x_unpad.shape[1:])

@@ -80,11 +80,12 @@ def _run(op: str, names: tuple[str, str], settings: tuple, x: Tensor, *layers: T
     in_out = _check_layout(weight_layout)
     act = check_activation(activation)
     p = dropout.check_p(dropout_p, "dropout_p")
+    two_layers = len(layers) == 4  # feed_forward: w2 is required (None is a TypeError naming it, not a linear)
     w1, b1, w2, b2 = (*layers, None, None)[:4]
     d_ff = _check_weight(w1, names[0], x, x.shape[-1], in_out)
     _check_bias(b1, names[1], x, d_ff)
     d_out = d_ff
-    if w2 is not None:
+    if two_layers:
         d_out = _check_weight(w2, "w2", x, d_ff, in_out, x_name="w1's out_features (d_ff)")
         _check_bias(b2, "b2", x, d_out)
     x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (M, K); -1 cannot be inferred when K = 0
@@ -145,8 +146,9 @@ def feed_forward(
 ) -> Tensor:
     """The Transformer feed-forward block ``dropout(act(x @ W1^T + b1)) @ W2^T + b2``.
 
-    ``x``: (..., d_model); ``w1``: (d_ff, d_model), ``b1``: (d_ff,) or None; ``w2``: (d_out, d_ff), ``b2``:
-    (d_out,) or None (``nn.Linear`` layout; with ``weight_layout="in_out"`` the transposes, as GPT-2 ``Conv1D``).
+    ``x``: (..., d_model); ``w1``: (d_ff, d_model), ``b1``: (d_ff,) or None; ``w2``: (d_out, d_ff), required (for one
+    layer use :func:`linear`), ``b2``: (d_out,) or None (``nn.Linear`` layout; with ``weight_layout="in_out"`` the
+    transposes, as GPT-2 ``Conv1D``).
     ``dropout_p`` drops the hidden activation (pass 0 in eval mode); ``recompute=True`` keeps only ``x`` for
     backward and recomputes the (..., d_ff) pre-activation there. ``activation`` and ``backend`` are as for
     :func:`linear`. Returns (..., d_out) in ``x``'s dtype.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -15,6 +16,21 @@ from fastformer.ops.layer_norm.op import LayerNormArgs, layer_norm_fwd, run_fwd
 MAX_TRITON_N = 65536  # a row must fit in one Triton block (kernels/layer_norm.py)
 
 
+def _check_normalized_shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
+    """``normalized_shape`` as a tuple of ints: an int or a list/tuple (``torch.Size``) of ints, as ``F.layer_norm``
+    takes it; TypeError naming it for anything else (a float, None, a str, a bool, a sequence of non-ints)."""
+    dims = normalized_shape if isinstance(normalized_shape, (list, tuple)) else (normalized_shape,)
+    try:
+        if any(isinstance(d, bool) for d in dims):
+            raise TypeError
+        return tuple(operator.index(d) for d in dims)  # ints (numpy's too), not floats or strs
+    except TypeError:
+        got = type(normalized_shape).__name__
+        if dims is normalized_shape:
+            got += f" of {', '.join(sorted({type(d).__name__ for d in dims}))}"
+        raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {got}") from None
+
+
 def _validate(
     x: Tensor,
     normalized_shape: Sequence[int],
@@ -25,11 +41,9 @@ def _validate(
 ) -> tuple[int, ...]:
     allowed = (*utils.FLOAT_DTYPES, torch.float64)
     utils.check_float(x, "input", allowed)
-    if isinstance(normalized_shape, int):
-        normalized_shape = (normalized_shape,)
-    shape = tuple(int(d) for d in normalized_shape)
+    shape = _check_normalized_shape(normalized_shape)
     if not shape or any(d < 1 for d in shape):
-        raise ValueError(f"normalized_shape must be non-empty with positive sizes, got {tuple(normalized_shape)}")
+        raise ValueError(f"normalized_shape must be non-empty with positive sizes, got {shape}")
     if x.dim() < len(shape) or tuple(x.shape[-len(shape) :]) != shape:
         raise ValueError(f"normalized_shape {shape} does not match the trailing dimensions of input {tuple(x.shape)}")
     for name, t in (("weight", weight), ("bias", bias)):
