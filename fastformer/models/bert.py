@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fastformer import utils
 from fastformer.models.config import BertConfig
-from fastformer.models.inputs import check_ids, check_mask
+from fastformer.models.inputs import check_config, check_ids, check_labels, check_mask, check_range, is_integer
 from fastformer.models.loading import HFLoadable
 from fastformer.models.outputs import (
     BertForPreTrainingOutput,
@@ -91,6 +91,7 @@ class BertModel(HFLoadable, nn.Module):
     config_class = BertConfig
 
     def __init__(self, config: BertConfig, add_pooling_layer: bool = True) -> None:
+        check_config(config, BertConfig)
         super().__init__()
         self.config = config
         C = config.hidden_size
@@ -102,22 +103,45 @@ class BertModel(HFLoadable, nn.Module):
         self.pooler = nn.Linear(C, C) if add_pooling_layer else None
         self.apply(lambda m: _init_weights(m, config.initializer_range))
 
-    def encode(
-        self, input_ids: Tensor, attention_mask: OptT = None, token_type_ids: OptT = None, position_ids: OptT = None
-    ) -> tuple[Tensor, Packing | None]:
-        """Final hidden states, packed (N, C) with their Packing when attention_mask is given, else (B, S, C)."""
+    def check_inputs(
+        self,
+        input_ids: Tensor,
+        attention_mask: OptT = None,
+        token_type_ids: OptT = None,
+        position_ids: OptT = None,
+        check_values: bool = True,
+    ) -> Tensor | None:
+        """Check the forward's inputs (value ranges too unless ``check_values=False``); the mask as bool or None."""
         cfg = self.config
-        check_ids(input_ids, "input_ids", cfg.vocab_size, cfg.max_position_embeddings)
+        check_ids(input_ids, "input_ids", None, cfg.max_position_embeddings, self.wte.weight.device)
         mask = check_mask(attention_mask, "attention_mask", input_ids)
         B, S = input_ids.shape
         if S == 0:  # the pooler and every [CLS] head read the first position
             raise ValueError("input_ids: sequence length must be at least 1 ([CLS]), got shape (batch, 0)")
-        for name, ids, n in (("token_type_ids", token_type_ids, cfg.type_vocab_size),
-                             ("position_ids", position_ids, cfg.max_position_embeddings)):  # fmt: skip
-            if ids is not None:
-                check_ids(ids, name, n)
-                if ids.shape not in ((B, S), (1, S)):
-                    raise ValueError(f"{name} must have shape {(B, S)} or {(1, S)}, got {tuple(ids.shape)}")
+        extra = [(name, ids, n) for name, ids, n in (("token_type_ids", token_type_ids, cfg.type_vocab_size),
+                 ("position_ids", position_ids, cfg.max_position_embeddings)) if ids is not None]  # fmt: skip
+        for name, ids, _ in extra:
+            check_ids(ids, name, None, device=input_ids.device, device_of="input_ids")
+            if ids.shape not in ((B, S), (1, S)):
+                raise ValueError(f"{name} must have shape {(B, S)} or {(1, S)}, got {tuple(ids.shape)}")
+        if check_values:  # the host syncs last, once every type, shape and device is known to be right
+            for name, ids, n in (("input_ids", input_ids, cfg.vocab_size), *extra):
+                check_range(ids, name, n)
+        return mask
+
+    def encode(
+        self,
+        input_ids: Tensor,
+        attention_mask: OptT = None,
+        token_type_ids: OptT = None,
+        position_ids: OptT = None,
+        check_values: bool = True,
+    ) -> tuple[Tensor, Packing | None]:
+        """Final hidden states, packed (N, C) with their Packing when attention_mask is given, else (B, S, C).
+        ``check_values=False``: the inputs' value ranges were checked already (``check_inputs``)."""
+        cfg = self.config
+        mask = self.check_inputs(input_ids, attention_mask, token_type_ids, position_ids, check_values)
+        B, S = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(S, device=input_ids.device)
         position_ids = position_ids.expand(B, S)
@@ -179,6 +203,7 @@ class _BertTask(HFLoadable, nn.Module):
     config_class = BertConfig
 
     def __init__(self, config: BertConfig, add_pooling_layer: bool = True) -> None:
+        check_config(config, BertConfig)
         super().__init__()
         self.config = config
         self.bert = BertModel(config, add_pooling_layer)
@@ -196,9 +221,22 @@ class _BertTask(HFLoadable, nn.Module):
         **targets: Tensor | None,
     ) -> Any:
         """input_ids and the optional (B, S) tensors as for ``BertModel``; ``labels`` and ``targets`` as the head
-        documents. Returns the head's output dataclass."""
-        h, packing = self.bert.encode(input_ids, attention_mask, token_type_ids, position_ids)
+        documents. Returns the head's output dataclass. Every input and target is checked before the first kernel."""
+        self.bert.check_inputs(input_ids, attention_mask, token_type_ids, position_ids)
+        if labels is not None or targets:
+            self.check_targets(input_ids, labels, **targets)
+        h, packing = self.bert.encode(input_ids, attention_mask, token_type_ids, position_ids, check_values=False)
         return self.head(h, packing, labels, **targets)
+
+    def check_targets(self, input_ids: Tensor, labels: Tensor | None) -> None:
+        """ValueError/TypeError naming a target the head cannot score (input_ids already checked)."""
+        if labels is not None:
+            self.check_token_labels(input_ids, labels)
+
+    def check_token_labels(self, input_ids: Tensor, labels: Tensor) -> None:
+        """MLM labels: token ids of input_ids' shape, -100 where a position is not scored."""
+        shape = tuple(input_ids.shape)
+        check_labels(labels, "labels", input_ids, self.config.vocab_size, (shape,), f"the shape of input_ids {shape}")
 
     def pooled(self, h: Tensor, packing: Packing | None) -> Tensor:
         """The pooler output (B, C) of the final hidden states (packed or not)."""
@@ -212,7 +250,7 @@ class _BertTask(HFLoadable, nn.Module):
             shape = (packing.batch, packing.seqlen) if packing is not None else h.shape[:2]
             if labels.shape != shape:
                 raise ValueError(f"labels must have the shape of input_ids {tuple(shape)}, got {tuple(labels.shape)}")
-            flat = labels.flatten()[packing.indices] if packing is not None else labels.flatten()
+            flat = (labels.flatten()[packing.indices] if packing is not None else labels.flatten()).long()
             loss = F.cross_entropy(logits.flatten(0, -2).float(), flat, ignore_index=-100)
         return (packing.pad(logits) if packing is not None else logits), loss
 
@@ -226,6 +264,14 @@ class BertForPreTraining(_BertTask):
         self.nsp = nn.Linear(config.hidden_size, 2)
         self._init_heads()
 
+    def check_targets(
+        self, input_ids: Tensor, labels: Tensor | None, next_sentence_label: Tensor | None = None
+    ) -> None:
+        super().check_targets(input_ids, labels)
+        if next_sentence_label is not None:
+            B = input_ids.shape[0]
+            check_labels(next_sentence_label, "next_sentence_label", input_ids, 2, ((B,), (B, 1)), f"shape ({B},)")
+
     def head(
         self, h: Tensor, packing: Packing | None, labels: Tensor | None, next_sentence_label: Tensor | None = None
     ) -> BertForPreTrainingOutput:
@@ -234,7 +280,7 @@ class BertForPreTraining(_BertTask):
         logits, mlm_loss = self.mlm_logits(h, packing, labels)  # (B, S, V)
         nsp_loss = None
         if next_sentence_label is not None:
-            nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label.flatten())
+            nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label.flatten().long())
         loss = mlm_loss if nsp_loss is None else nsp_loss if mlm_loss is None else mlm_loss + nsp_loss
         return BertForPreTrainingOutput(
             loss=loss,
@@ -267,6 +313,34 @@ class BertForSequenceClassification(_BertTask):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self._init_heads()
 
+    def problem_type(self, labels: Tensor) -> str:
+        """config.problem_type, else as transformers infers it from num_labels and the labels' dtype."""
+        cfg = self.config
+        if cfg.problem_type is not None:
+            return cfg.problem_type
+        if cfg.num_labels == 1:
+            return "regression"
+        return "single_label_classification" if is_integer(labels.dtype) else "multi_label_classification"
+
+    def check_targets(self, input_ids: Tensor, labels: Tensor | None) -> None:
+        if labels is None:
+            return
+        utils.check_tensor(labels, "labels")
+        B, n = input_ids.shape[0], self.config.num_labels
+        kind = self.problem_type(labels)
+        if kind == "single_label_classification":
+            check_labels(labels, "labels", input_ids, n, ((B,), (B, 1)), f"shape ({B},) for {kind}")
+            return
+        if labels.dtype.is_complex:
+            raise TypeError(f"labels must be real for {kind}, got dtype {labels.dtype}")
+        squeezed = tuple(d for d in labels.shape if d != 1)
+        if kind == "regression" and squeezed != tuple(d for d in (B, n) if d != 1):
+            raise ValueError(f"labels must have shape ({B}, {n}) (or without its size-1 dims) for regression, "
+                             f"got {tuple(labels.shape)}")  # fmt: skip
+        if kind == "multi_label_classification" and tuple(labels.shape) != (B, n):
+            raise ValueError(f"labels must have shape ({B}, {n}) for {kind}, got {tuple(labels.shape)}")
+        utils.check_device(labels, "labels", input_ids, "input_ids")
+
     def head(self, h: Tensor, packing: Packing | None, labels: Tensor | None) -> SequenceClassifierOutput:
         """labels: (B,) class ids, (B,) / (B, 1) floats for regression, or (B, num_labels) multi-hot floats."""
         cfg = self.config
@@ -275,15 +349,11 @@ class BertForSequenceClassification(_BertTask):
         logits = linear(pooled, self.classifier.weight, self.classifier.bias, backend=cfg.backend)  # (B, num_labels)
         loss = None
         if labels is not None:
-            kind = cfg.problem_type
-            if kind is None:
-                integer = not (labels.dtype.is_floating_point or labels.dtype.is_complex)
-                single = cfg.num_labels > 1 and integer
-                kind = "regression" if cfg.num_labels == 1 else "single_label_classification" if single else "multi"
+            kind = self.problem_type(labels)
             if kind == "regression":
                 loss = F.mse_loss(logits.float().squeeze(), labels.float().squeeze())
             elif kind == "single_label_classification":
-                loss = F.cross_entropy(logits.float(), labels.flatten())
+                loss = F.cross_entropy(logits.float(), labels.flatten().long())
             else:
                 loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
         return SequenceClassifierOutput(loss=loss, logits=logits)

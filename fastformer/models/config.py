@@ -11,8 +11,12 @@ maps onto them directly. Two fields are fastformer's own:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+import numbers
 import os
+import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -38,6 +42,35 @@ class _Config:
     MODEL_TYPES: ClassVar[tuple[str, ...]] = ()
     # Hugging Face options whose other values change the model's math: key -> the only value implemented here
     HF_FIXED: ClassVar[dict[str, Any]] = {}
+    # fields that must be positive (None allowed where the type is optional), dropout probabilities in [0, 1),
+    # and floats that must be finite and >= 0
+    POSITIVE: ClassVar[tuple[str, ...]] = ()
+    PROBABILITIES: ClassVar[tuple[str, ...]] = ()
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def type_problem(cls, name: str, value: Any) -> str | None:
+        """Why ``value`` does not fit field ``name``'s annotation (int, float, bool, str, maybe None), or None."""
+        kinds = typing.get_args(hint := _hints(cls)[name]) or (hint,)
+        if any(value is None if k is type(None) else _fits(value, k) for k in kinds):
+            return None
+        expected = " or ".join("None" if k is type(None) else _KINDS.get(k, k.__name__) for k in kinds)
+        return f"{name} must be {expected}, got {type(value).__name__} {value!r}"
+
+    def validate(self) -> None:
+        """TypeError naming a field of the wrong type, ValueError naming one whose value is out of range."""
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            if problem := self.type_problem(f.name, getattr(self, f.name)):
+                raise TypeError(problem)
+        for name in self.POSITIVE:
+            if (value := getattr(self, name)) is not None and value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value}")
+        for name in self.PROBABILITIES:
+            if (value := getattr(self, name)) is not None and not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be a dropout probability in [0, 1), got {value}")
+        for name in self.NON_NEGATIVE:
+            if not (math.isfinite(value := getattr(self, name)) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
 
     @classmethod
     def from_name(cls: type[C], name: str, **overrides: Any) -> C:
@@ -63,15 +96,37 @@ class _Config:
 
     @classmethod
     def from_hf_config(cls: type[C], hf_config: Any, **overrides: Any) -> C:
-        """Convert a ``transformers`` config object (or its dict, or a config.json path) to ours."""
+        """Convert a ``transformers`` config object (or its dict, or a config.json path) to ours.
+
+        A config.json that is not a JSON object, or whose fields have the wrong types, is a ValueError naming it."""
         where = f"config {os.fspath(hf_config)!r}" if isinstance(hf_config, (str, os.PathLike)) else "the config"
         if isinstance(hf_config, (str, os.PathLike)):
-            with open(hf_config) as f:
-                hf_config = json.load(f)
-        if not isinstance(hf_config, dict):
+            hf_config = cls._read_json(os.fspath(hf_config))
+        elif not isinstance(hf_config, dict):
+            if not callable(getattr(hf_config, "to_dict", None)):
+                raise TypeError(
+                    "hf_config must be a transformers config, a dict or a path to config.json, "
+                    f"got {type(hf_config).__name__}"
+                )
             hf_config = hf_config.to_dict()
         cls.check_model_type(hf_config.get("model_type"), where)
         return cls.from_dict(hf_config, **overrides)
+
+    @classmethod
+    def _read_json(cls, path: str) -> dict[str, Any]:
+        """The JSON object in ``path``, its known fields type-checked: ValueError naming the file otherwise."""
+        with open(path) as f:
+            try:
+                d = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"config: {path!r} is not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"config: {path!r} must hold a JSON object, got a JSON {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        for key, value in d.items():
+            if key in names and value is not None and (problem := cls.type_problem(key, value)):
+                raise ValueError(f"config: {path!r}: {problem}")
+        return d
 
     @classmethod
     def check_model_type(cls, found: str | None, where: str) -> None:
@@ -84,6 +139,25 @@ class _Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
+_KINDS = {int: "an int", float: "a number", bool: "a bool", str: "a str"}
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _fits(value: Any, kind: type) -> bool:
+    """``value`` is a ``kind`` (bool is not an int or a float here; numpy scalars are)."""
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, numbers.Integral)
+    if kind is float:
+        return isinstance(value, numbers.Real)
+    return isinstance(value, kind)
 
 
 def _check(width: int, heads: int, activation: str, backend: str | None) -> None:
@@ -132,7 +206,12 @@ class GPTConfig(_Config):
         "add_cross_attention": False,
     }
 
+    POSITIVE: ClassVar[tuple[str, ...]] = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")
+    PROBABILITIES: ClassVar[tuple[str, ...]] = ("embd_pdrop", "attn_pdrop", "resid_pdrop")
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("layer_norm_epsilon", "initializer_range")
+
     def __post_init__(self) -> None:
+        self.validate()
         _check(self.n_embd, self.n_head, self.activation_function, self.backend)
 
     @property
@@ -191,7 +270,19 @@ class BertConfig(_Config):
         "add_cross_attention": False,
     }
 
+    POSITIVE: ClassVar[tuple[str, ...]] = (
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+        "max_position_embeddings", "type_vocab_size", "num_labels",
+    )  # fmt: skip
+    PROBABILITIES: ClassVar[tuple[str, ...]] = (
+        "hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout",
+    )  # fmt: skip
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("layer_norm_eps", "initializer_range")
+
     def __post_init__(self) -> None:
+        self.validate()
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"pad_token_id must be in [0, vocab_size = {self.vocab_size}), got {self.pad_token_id}")
         _check(self.hidden_size, self.num_attention_heads, self.hidden_act, self.backend)
         if self.problem_type not in (None, "regression", "single_label_classification", "multi_label_classification"):
             raise ValueError(f"problem_type: unsupported {self.problem_type!r}")

@@ -11,6 +11,7 @@ once as a CUDA graph. Greedy decoding is deterministic and matches Hugging Face 
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -108,14 +109,35 @@ def next_token(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
 
 
+def _check_type(value: Any, name: str, kind: type | tuple[type, ...], expected: str) -> None:
+    """TypeError naming ``name`` unless ``value`` is a ``kind`` (a bool is not a number here)."""
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
+
+
 def _check_args(
-    input_ids: Tensor, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None
+    input_ids: Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    eos_token_id: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> None:
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids must be a non-empty (batch, seqlen) tensor, got {shape}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+    _check_type(temperature, "temperature", numbers.Real, "a number > 0")
+    if top_k is not None:
+        _check_type(top_k, "top_k", numbers.Integral, "a positive int or None")
+    if top_p is not None:
+        _check_type(top_p, "top_p", numbers.Real, "a number in (0, 1] or None")
+    if eos_token_id is not None:
+        _check_type(eos_token_id, "eos_token_id", numbers.Integral, "an int token id or None")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if top_k is not None and top_k < 1:
@@ -222,7 +244,7 @@ class GenerationMixin:
         every sequence has finished (so n may be smaller than max_new_tokens), as Hugging Face does.
         ``static``: decode with static shapes (:class:`DecodeStep`, a CUDA graph on GPU); default on CUDA only.
         """
-        _check_args(input_ids, max_new_tokens, temperature, top_k, top_p)
+        _check_args(input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator)
         B, T = input_ids.shape
         limit = self.config.n_positions
         if T + max_new_tokens > limit:

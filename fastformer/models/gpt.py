@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from fastformer import utils
 from fastformer.models.config import GPTConfig
 from fastformer.models.generation import GenerationMixin, KVCache
-from fastformer.models.inputs import check_ids, check_mask
+from fastformer.models.inputs import check_config, check_ids, check_labels, check_mask
 from fastformer.models.loading import HFLoadable
 from fastformer.models.outputs import CausalLMOutput
 from fastformer.nn.attention import KVHook, MultiheadSelfAttention
@@ -63,6 +63,7 @@ class GPT(HFLoadable, GenerationMixin, nn.Module):
     config_class = GPTConfig
 
     def __init__(self, config: GPTConfig) -> None:
+        check_config(config, GPTConfig)
         super().__init__()
         self.config = config
         be = config.backend
@@ -115,12 +116,14 @@ class GPT(HFLoadable, GenerationMixin, nn.Module):
         their mask is recorded there, padding keys stay masked in every later step, and each token's position is
         the number of real tokens before it in its row (transformers' generate: cumsum(mask) - 1), so a
         left-padded prompt is positioned as if it were alone.
-        ``check_values=False`` skips the vocabulary range check (a host sync), for ids the model itself produced.
+        ``check_values=False`` skips the vocabulary range check (a host sync), for ids the model itself produced or
+        already checked.
         """
         cfg = self.config
         static = isinstance(pos, Tensor)  # a device-side position: one token per row (see KVCache)
         limit = cfg.n_positions if cache is None else 1 if static else min(cfg.n_positions, cache.max_len) - pos
-        check_ids(input_ids, "input_ids", cfg.vocab_size if check_values else None, limit)
+        device = self.transformer.wte.weight.device
+        check_ids(input_ids, "input_ids", cfg.vocab_size if check_values else None, limit, device)
         mask = check_mask(attention_mask, "attention_mask", input_ids)
         T = input_ids.shape[1]
         if cache is None:
@@ -151,13 +154,17 @@ class GPT(HFLoadable, GenerationMixin, nn.Module):
 
         The loss is Hugging Face's: logits at t predict labels at t + 1; labels equal to -100 are ignored.
         """
-        h = self.hidden_states(input_ids, attention_mask)  # (B, T, C)
-        logits = linear(h, self.lm_head_weight, backend=self.config.backend)  # (B, T, V)
+        cfg = self.config
+        # every input is checked before the first kernel: input_ids here, the mask in hidden_states
+        check_ids(input_ids, "input_ids", cfg.vocab_size, cfg.n_positions, self.transformer.wte.weight.device)
+        if labels is not None:
+            shape = tuple(input_ids.shape)
+            check_labels(labels, "labels", input_ids, cfg.vocab_size, (shape,), f"shape {shape} (like input_ids)")
+        h = self.hidden_states(input_ids, attention_mask, check_values=False)  # (B, T, C)
+        logits = linear(h, self.lm_head_weight, backend=cfg.backend)  # (B, T, V)
         loss = None
         if labels is not None:
-            if labels.shape != input_ids.shape:
-                raise ValueError(f"labels must have shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
             # shift the labels, not the logits: a (B, T-1, V) slice would be copied, and its gradient zero-filled
             targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten().long(), ignore_index=-100)
         return CausalLMOutput(logits=logits, loss=loss)

@@ -155,7 +155,13 @@ def from_hf(
     config_class = cls.config_class  # type: ignore[attr-defined]
     if isinstance(hf_model_or_state_dict, nn.Module):
         if config is None:
-            config = config_class.from_hf_config(hf_model_or_state_dict.config)
+            hf_config = getattr(hf_model_or_state_dict, "config", None)
+            if hf_config is None:
+                raise TypeError(
+                    f"hf_model_or_state_dict: {type(hf_model_or_state_dict).__name__} has no Hugging Face config "
+                    "(.config); pass config= to load its state dict"
+                )
+            config = config_class.from_hf_config(hf_config)
         state_dict = hf_model_or_state_dict.state_dict()
     elif isinstance(hf_model_or_state_dict, dict):
         if config is None:
@@ -165,6 +171,9 @@ def from_hf(
         raise TypeError(f"hf_model_or_state_dict must be an nn.Module or a dict, got {type(hf_model_or_state_dict)}")
     if not isinstance(config, config_class):
         raise TypeError(f"config must be a {config_class.__name__}, got {type(config).__name__}")
+    for key, value in state_dict.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"state dict: {key} must be a torch.Tensor, got {type(value).__name__}")
     model = cls(config)
     if config_class is GPTConfig:
         converted, unknown = convert_gpt2(state_dict, tied=config.tie_word_embeddings)  # type: ignore[union-attr]
@@ -178,13 +187,14 @@ def read_state_dict(path: str) -> dict[str, Tensor]:
     st, st_index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
     pt = os.path.join(path, "pytorch_model.bin")
     if os.path.exists(st) or os.path.exists(st_index):
-        from safetensors.torch import load_file
-
         if os.path.exists(st):
-            return load_file(st)
+            return _load_safetensors(st)
         with open(st_index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(os.path.join(path, shard)).items()}
+            try:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
+                raise ValueError(f"path: {st_index} is not a safetensors index (a JSON weight_map): {e!r}") from None
+        return {k: v for shard in shards for k, v in _load_safetensors(os.path.join(path, str(shard))).items()}
     if os.path.exists(pt):
         try:  # tensors only: a pickle may run code when loaded, so arbitrary objects are refused
             state = torch.load(pt, map_location="cpu", weights_only=True)
@@ -199,11 +209,24 @@ def read_state_dict(path: str) -> dict[str, Tensor]:
     raise FileNotFoundError(f"path: no model.safetensors or pytorch_model.bin in {path}")
 
 
+def _load_safetensors(file: str) -> dict[str, Tensor]:
+    """The tensors in a .safetensors file; ValueError naming the file when it is not one."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(file)
+    except SafetensorError as e:
+        raise ValueError(f"path: {file} is not a valid safetensors file ({e})") from None
+
+
 def from_pretrained(
     cls: type[nn.Module], path: str | os.PathLike, strict: bool = False, **config_overrides: Any
 ) -> Any:
     """An instance of ``cls`` from a local Hugging Face directory (config.json plus weights). No network."""
-    path = os.fspath(path)
+    path = os.fspath(path) if isinstance(path, os.PathLike) else path
+    if not isinstance(path, str):
+        raise TypeError(f"path must be a str or os.PathLike (a local directory), got {type(path).__name__}")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"path: {path!r} is not a local directory (fastformer never downloads)")
     config_path = os.path.join(path, "config.json")
