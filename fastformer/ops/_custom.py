@@ -64,52 +64,96 @@ def _impl(op: str, backend: str) -> ModuleType:
     return importlib.import_module(f"fastformer.ops.{op}.{backend}_impl")
 
 
+# each custom op's Python body, and the eager autograd.Function of the forward ops (see invoke)
+_BODIES: dict[torch.library.CustomOpDef, Callable[..., Any]] = {}
+_EAGER: dict[torch.library.CustomOpDef, type[torch.autograd.Function]] = {}
+
+
 def define(
     name: str, front: str, args: type[OpArgs], returns: str, fn: Callable[..., Any]
 ) -> torch.library.CustomOpDef:
     """``fastformer::<name>`` taking ``front`` (schema text, possibly empty) followed by the fields of ``args``.
 
     ``fn`` receives the arguments positionally: the front ones, then the fields of ``args`` (rebuild it with
-    ``args(*rest)``). Register the fake and autograd on the returned definition.
+    ``args(*rest)``). Register the fake on the returned definition, and the autograd with :func:`register_autograd`.
     """
     args.NAMES = tuple(f.name for f in dataclasses.fields(args))
     schema = f"({', '.join(part for part in (front, args.schema()) if part)}) -> {returns}"
-    return torch.library.custom_op(f"fastformer::{name}", fn, mutates_args=(), schema=schema)
+    op = torch.library.custom_op(f"fastformer::{name}", fn, mutates_args=(), schema=schema)
+    _BODIES[op] = fn
+    return op
+
+
+def register_autograd(op: torch.library.CustomOpDef, backward: Callable[..., Any], setup_context: Callable) -> None:
+    """``op.register_autograd(backward, setup_context=...)``, and the same pair as a plain ``autograd.Function`` over
+    the op's body, which :func:`invoke` uses for eager calls that need gradients."""
+    op.register_autograd(backward, setup_context=setup_context)
+    body = _BODIES[op]
+
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(*inputs: Any) -> Any:
+            return body(*inputs)
+
+        @staticmethod
+        def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+            setup_context(ctx, inputs, output)
+
+        @staticmethod
+        def backward(ctx: Any, *grads: Any) -> Any:
+            return backward(ctx, *grads)
+
+    Eager.__name__ = Eager.__qualname__ = f"{op._name.split('::')[-1]}_eager"
+    _EAGER[op] = Eager
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def _plain_inference(*groups: Iterable[Any]) -> bool:
-    """Whether a call can skip the dispatcher: eager, no autograd needed, no mode or transform watching, and
-    every tensor among ``groups`` a plain tensor with storage (no subclass, fake or meta tensor)."""
+def _eager_state(*groups: Iterable[Any]) -> bool | None:
+    """None when something watches the call (torch.compile, a dispatch or function mode such as a profiler or
+    opcheck, a functorch transform, a subclass, fake or meta tensor): it must go through the dispatcher. Else
+    whether autograd needs the call's graph."""
     if (
         torch.compiler.is_compiling()
         or torch._C._len_torch_dispatch_stack()
         or torch._C._is_torch_function_mode_enabled()
     ):
-        return False
+        return None
     if torch._C._are_functorch_transforms_active():
-        return False
-    grad = torch.is_grad_enabled()
+        return None
+    grad_mode, needs_grad = torch.is_grad_enabled(), False
     for group in groups:
         for t in group:
-            if isinstance(t, torch.Tensor) and (type(t) not in _PLAIN or t.is_meta or (grad and t.requires_grad)):
-                return False
-    return True
+            if isinstance(t, torch.Tensor):
+                if type(t) not in _PLAIN or t.is_meta:
+                    return None
+                needs_grad = needs_grad or (grad_mode and t.requires_grad)
+    return needs_grad
 
 
 def invoke(op: torch.library.CustomOpDef, direct: Callable[..., Any], a: OpArgs, *front: Any) -> Any:
-    """``op(*front, *a.values())``, or, in plain eager inference, ``direct(a, *front)``: what the op's body runs.
+    """``op(*front, *a.values())``, computed by the same body on the cheapest route that is still correct.
 
-    The same function computes either way; the dispatcher's route through a Python custom op (schema checks,
-    the autograd wrapper, redispatch) costs 50-100 us a call, more than a decode step's LayerNorm on a CPU.
-    Autograd, torch.compile, fake/meta tensors, dispatch modes (profilers, opcheck) and functorch transforms
-    all still go through ``op``.
+    The dispatcher's route through a Python custom op (schema checks, the autograd wrapper, redispatch) costs
+    50-100 us a call, more than a decode step's LayerNorm on a CPU or a small kernel's launch on a GPU. So a plain
+    eager call runs ``direct(a, *front)`` when no gradient is needed, and the op's own autograd pair as a plain
+    ``autograd.Function`` when one is. torch.compile, fake/meta tensors, dispatch modes (profilers, opcheck) and
+    functorch transforms go through ``op``.
     """
-    if _plain_inference(front, a.__dict__.values()):
+    state = _eager_state(front, a.__dict__.values())
+    if state is None:
+        return op(*front, *a.values())
+    if not state:
         return direct(a, *front)
-    return op(*front, *a.values())
+    return _EAGER[op].apply(*front, *a.values())
+
+
+def call(op: torch.library.CustomOpDef, *inputs: Any) -> Any:
+    """``op(*inputs)`` (a backward op), or its body directly when nothing watches the call (see :func:`invoke`)."""
+    if _eager_state(inputs) is None:
+        return op(*inputs)
+    return _BODIES[op](*inputs)
 
 
 def split(inputs: tuple[Any, ...], args: type[A]) -> tuple[tuple[Any, ...], A]:

@@ -171,8 +171,8 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, dout, _dlse):
     (out, lse), a = _custom.load(ctx)
-    dq, dk, dv = attention_bwd(dout, out, lse, *a.values())
+    dq, dk, dv = _custom.call(attention_bwd, dout, out, lse, *a.values())
     return a.grads(q=dq, k=dk, v=dv)
 
 
-attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+_custom.register_autograd(attention_fwd, _backward, _setup_context)

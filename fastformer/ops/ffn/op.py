@@ -147,7 +147,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, dy, _dpre):
     (x, pre), a = _custom.load(ctx)
-    dx, dw1, db1, dw2, db2 = ops(a)[1](dy, x, pre, *a.values())
+    dx, dw1, db1, dw2, db2 = _custom.call(ops(a)[1], dy, x, pre, *a.values())
     grads = {"w1": dw1, "b1": db1, "w2": dw2, "b2": db2}
     return dx, None, *a.grads(**{k: g for k, g in grads.items() if getattr(a, k) is not None})
 
@@ -158,7 +158,7 @@ def _register(stem: str) -> tuple[torch.library.CustomOpDef, torch.library.Custo
     returns = "(Tensor, Tensor, Tensor, Tensor, Tensor)"
     bwd = _custom.define(f"{stem}_bwd", "Tensor dy, Tensor x, Tensor pre", FFNArgs, returns, _ffn_bwd)
     bwd.register_fake(_ffn_bwd_fake)
-    fwd.register_autograd(_backward, setup_context=_setup_context)
+    _custom.register_autograd(fwd, _backward, _setup_context)
     return fwd, bwd
 
 

@@ -168,7 +168,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, dy, ds_out, _dmean, _drstd):
     (s, mean, rstd), a = _custom.load(ctx)
     ds_out = ds_out if ctx.stored else None  # else the residual-sum output was an empty placeholder
-    dx, dres, dw, db = layer_norm_bwd(dy, ds_out, s, mean, rstd, ctx.has_residual, *a.values())
+    dx, dres, dw, db = _custom.call(layer_norm_bwd, dy, ds_out, s, mean, rstd, ctx.has_residual, *a.values())
     return (
         dx,
         dres if ctx.has_residual else None,
@@ -176,4 +176,4 @@ def _backward(ctx, dy, ds_out, _dmean, _drstd):
     )
 
 
-layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+_custom.register_autograd(layer_norm_fwd, _backward, _setup_context)
