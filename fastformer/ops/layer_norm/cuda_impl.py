@@ -11,7 +11,7 @@ from fastformer.ops.layer_norm.op import LayerNormArgs
 
 
 def fwd(a: LayerNormArgs, x2: Tensor, r2: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(y, s, mean, rstd) of (M, N) rows, one block per row."""
+    """(y, s, mean, rstd) of (M, N) rows: a team of threads per row, the row in registers (csrc/layer_norm.cu)."""
     m, n = x2.shape
     store_s = a.stores_s(r2)
     # the kernel reads weight and bias in x's dtype: cast the two short vectors, never the activations
