@@ -72,6 +72,28 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print("  " + "  ".join(str(r[c]).ljust(widths[c]) for c in COLUMNS))
 
 
+def inspect_cuda(only: str, check: bool) -> int:
+    """Print every fastformer._C kernel's registers, local memory, global access widths and tensor-core matmuls, per
+    arch it was built for; 1 under ``check`` when one uses local memory, 2 when it cannot be built here."""
+    from fastformer import _build
+    from fastformer.inspect import sass
+
+    tool = sass.find_cuobjdump()
+    if _build.find_nvcc() is None or tool is None:
+        print("fastformer inspect --cuda: needs nvcc (to build fastformer._C) and cuobjdump", file=sys.stderr)
+        return 2
+    binary = _build.jit_build()
+    found_any = []
+    for arch in sorted(sass.archs_in(binary, tool)):
+        found = sass.kernels(binary, arch, tool, only)
+        if found:
+            print(sass.table(arch, found) + "\n")
+        found_any += [f"{arch} {p}" for p in sass.spills(found)]
+    for p in found_any:
+        print(f"PROBLEM {p}")
+    return 1 if check and found_any else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     # the module docstring is reStructuredText: its double backticks are markup, not text for a terminal
     description = __doc__.split("\n\n")[0].replace("``", "")
@@ -81,7 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 on spills, smem overflow, non-wgmma matmuls")
     parser.add_argument("--only", metavar="TEXT", help="only the problems whose name contains TEXT")
     parser.add_argument("--workers", type=int, help="compile processes (default: one per core)")
+    parser.add_argument(
+        "--cuda", action="store_true", help="instead: the SASS of the CUDA C++ kernels in fastformer._C (needs nvcc)"
+    )
     args = parser.parse_args(argv)
+    if args.cuda:
+        return inspect_cuda(args.only or "", args.check)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         # the interpreter replaces Triton's compiler: inspect in a process that never had it switched on
         if "triton" in sys.modules:
