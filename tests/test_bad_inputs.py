@@ -437,7 +437,7 @@ REFUSALS = [
     ("sdpa-triton-float64", lambda: sdpa("triton", *(_t(1, 2, 4, 8, dtype=torch.float64),) * 3),
      _refuse("scaled_dot_product_attention", "triton", "float64 is not fused")),
     ("sdpa-triton-headdim-12", lambda: sdpa("triton", *(_t(1, 2, 4, 12),) * 3),
-     _refuse("scaled_dot_product_attention", "triton", "head dimension 12 is not fused")),
+     _refuse("scaled_dot_product_attention", "triton", "head dimension 12 is not supported by the fused")),
     ("sdpa-triton-float-mask", lambda: sdpa("triton", attn_mask=torch.zeros(1, 1, 1, 4)),
      _refuse("scaled_dot_product_attention", "triton", "non-boolean attn_mask")),
     ("sdpa-triton-causal-and-mask", lambda: sdpa("triton", attn_mask=_bool(1, 1, 1, 4), is_causal=True),

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from fastformer import utils
 from fastformer.ops.attention import attention, attention_varlen
+from fastformer.ops.attention.api import fused_head_dim_reason
 
 # options the fused kernel has no equivalent for; any of them set (not None) sends the call to the original code
 UNSUPPORTED_KWARGS = ("head_mask", "softcap", "sliding_window", "s_aux", "position_bias")
@@ -83,8 +84,10 @@ def _why_not(q: Tensor, k: Tensor, v: Tensor, mask: Any, kwargs: dict[str, Any])
     if q.dtype not in utils.FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"dtype {q.dtype} (fused attention takes float16, bfloat16 and float32)"
     d = q.shape[-1]
-    if v.shape[-1] != d or k.shape[-1] != d or d % 8 != 0 or not 8 <= d <= 256:
-        return f"head dimension {d} (fused attention takes multiples of 8 up to 256, equal for q, k and v)"
+    if v.shape[-1] != d or k.shape[-1] != d:
+        return f"head dimensions of q, k and v differ ({d}, {k.shape[-1]}, {v.shape[-1]})"
+    if (why := fused_head_dim_reason(d)) is not None:
+        return why
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
         return "a number of key/value heads that does not divide the query heads"
     return None

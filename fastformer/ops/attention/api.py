@@ -15,7 +15,7 @@ from fastformer.ops import _custom, dropout
 from fastformer.ops.attention.op import AttentionArgs, attention_fwd, run_fwd
 
 
-def _fused_head_dim_reason(d: int) -> str | None:
+def fused_head_dim_reason(d: int) -> str | None:
     """Why the fused kernels cannot take head dimension ``d`` (the torch backend takes any), or None."""
     if d % 8 != 0 or not 8 <= d <= 256:
         return f"head dimension {d} is not supported by the fused kernels (a multiple of 8 in [8, 256])"
@@ -49,7 +49,7 @@ def _why_not(backend: str, scale: float, q: torch.Tensor) -> str | None:
         return None
     if q.dtype == torch.float64:
         return "float64 is served by the torch backend only"
-    why = _fused_head_dim_reason(q.shape[-1])
+    why = fused_head_dim_reason(q.shape[-1])
     if why is not None:
         return why
     if backend == "triton":

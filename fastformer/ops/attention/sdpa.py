@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from fastformer import backends, utils
 from fastformer.ops import dropout
-from fastformer.ops.attention.api import attention
+from fastformer.ops.attention.api import attention, fused_head_dim_reason
 
 _SDPA_WARNED: set[str] = set()
 
@@ -127,8 +127,8 @@ def _unfused(query, key, value, attn_mask, is_causal: bool) -> str | None:
     d = query.shape[-1]
     if query.dtype not in utils.FLOAT_DTYPES:
         return f"{str(query.dtype).replace('torch.', '')} is not fused"
-    if d % 8 != 0 or not 8 <= d <= 256:
-        return f"head dimension {d} is not fused (a multiple of 8 in [8, 256])"
+    if (why := fused_head_dim_reason(d)) is not None:
+        return why
     if any(t.stride(-1) != 1 for t in (query, key, value)):
         return "a strided last dimension is not fused"
     if is_causal and attn_mask is not None:

@@ -30,12 +30,11 @@ so every backend draws the same mask for a seed.
 
 from fastformer.ops.ffn.api import check_activation, feed_forward, linear
 from fastformer.ops.ffn.op import ACTIVATIONS
-from fastformer.ops.ffn.torch_impl import act_fn, act_grad, feed_forward_reference, linear_reference
+from fastformer.ops.ffn.torch_impl import act_fn, feed_forward_reference, linear_reference
 
 __all__ = [
     "ACTIVATIONS",
     "act_fn",
-    "act_grad",
     "check_activation",
     "feed_forward",
     "feed_forward_reference",

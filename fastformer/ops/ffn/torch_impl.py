@@ -8,8 +8,6 @@ the input's dtype and are differentiable (tests call them on float64 copies).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -28,23 +26,6 @@ def act_fn(pre: Tensor, activation: str | None) -> Tensor:
         return F.gelu(pre, approximate="tanh")
     if activation == "relu":
         return torch.relu(pre)
-    raise ValueError(f"activation: unknown activation {activation!r}")
-
-
-def act_grad(pre: Tensor, activation: str | None) -> Tensor:
-    """Derivative of ``activation`` at ``pre`` (relu' is 0 at 0, as torch's relu backward)."""
-    if activation in (None, "none"):
-        return torch.ones_like(pre)
-    if activation == "gelu":
-        cdf = 0.5 * (1.0 + torch.erf(pre * (1.0 / math.sqrt(2.0))))
-        pdf = torch.exp(-0.5 * pre * pre) * (1.0 / math.sqrt(2.0 * math.pi))
-        return cdf + pre * pdf
-    if activation == "gelu_tanh":
-        c = math.sqrt(2.0 / math.pi)
-        t = torch.tanh(c * (pre + 0.044715 * pre**3))
-        return 0.5 * (1.0 + t) + 0.5 * pre * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * pre * pre)
-    if activation == "relu":
-        return (pre > 0).to(pre.dtype)
     raise ValueError(f"activation: unknown activation {activation!r}")
 
 
