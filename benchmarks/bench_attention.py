@@ -138,10 +138,8 @@ def _dense_rows(dev, dtype, args, backends: list[str]) -> list[dict]:
 
         ring = common.rotating(make)
         native, bhsd = ring.map(lambda t, c=causal: (*t[:3], c)), ring.map(lambda t: t[3:])
-        # the CUDA C++ kernels are a simple scalar reference: time them only where they finish quickly
-        ours = [be for be in backends if be != "cuda" or s <= 4096]
-        provs = {n: (f, native) for n, f in _ours(ours).items()}
-        if "triton" in ours:
+        provs = {n: (f, native) for n, f in _ours(backends).items()}
+        if "triton" in backends:
             provs["fastformer-triton" + DETERMINISTIC] = provs["fastformer-triton"]
         if dev.type == "cuda":
             for name in _SDPA:
@@ -275,9 +273,6 @@ def main(argv: list[str] | None = None) -> dict:
         os.environ.setdefault("FASTFORMER_AUTOTUNE", "0")
     # on CPU only the torch path is timed: the interpreter is a correctness tool, not a speed peer
     backends, notes = common.timed_backends(dev, ("triton", "cuda"))
-    if args.quick and "cuda" in backends:
-        backends.remove("cuda")
-        notes.append("not timed with --quick: fastformer-cuda (a simple reference kernel, far from the fast path)")
     rows = _dense_rows(dev, dtype, args, backends)
     rows += _padded_rows(dev, dtype, args, backends)
     rows += _decode_rows(dev, dtype, args, backends)

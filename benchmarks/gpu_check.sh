@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-call GPU check for a fresh GPU machine (torch, triton, nvcc, pytest there; no network):
-# builds fastformer._C, runs the gpu-marked tests, compute-sanitizer over the CUDA and Triton kernels,
+# builds fastformer._C, runs the gpu-marked tests, compute-sanitizer memcheck over the CUDA and Triton kernels and
+# racecheck over the CUDA ones,
 # then the quick benchmarks. $OUT (else ./gpu-results) receives two files: summary.txt (also printed last)
 # and logs.tar.gz with every step's log and the benchmarks' JSON.
 # Budget: under 8 minutes on an H200. Set FULL=1 to also run the whole test suite on the GPU.
@@ -30,6 +31,7 @@ step install 60 env FASTFORMER_BUILD_CUDA=0 $PY -m pip install --no-deps --no-bu
 step build 150 env MAX_JOBS=16 $PY -m fastformer._build -v
 step gpu_tests 180 $PY -m pytest tests -m gpu -q --maxfail=10 -p no:cacheprovider --junitxml="$LOG/gpu_tests.xml"
 step sanitizer 90 compute-sanitizer --tool memcheck --error-exitcode 9 $PY benchmarks/sanitize.py
+step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 9 $PY benchmarks/sanitize.py cuda
 for b in layer_norm attention ffn models hf; do
   step "bench_$b" 75 $PY -m fastformer.cli bench "$b" --quick --json "$LOG/bench_$b.json" --csv "$LOG/bench_$b.csv"
 done
@@ -39,11 +41,11 @@ fi
 
 summary() {
   echo "=== summary ($(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'))"
-  for k in env install build gpu_tests sanitizer bench_layer_norm bench_attention bench_ffn bench_models bench_hf full_tests; do
+  for k in env install build gpu_tests sanitizer racecheck bench_layer_norm bench_attention bench_ffn bench_models bench_hf full_tests; do
     [ -n "${STATUS[$k]:-}" ] && printf '%-18s %s\n' "$k" "${STATUS[$k]}"
   done
   grep -h -E "passed|failed|error" "$LOG/gpu_tests.log" 2>/dev/null | tail -n 3
-  grep -h -E "^(ok|FAIL) |ERROR SUMMARY" "$LOG/sanitizer.log" 2>/dev/null
+  grep -h -E "^(ok|FAIL) |ERROR SUMMARY|RACECHECK SUMMARY" "$LOG/sanitizer.log" "$LOG/racecheck.log" 2>/dev/null
   for f in "$LOG"/bench_*.log; do [ -f "$f" ] && grep -A 40 "^== " "$f" | head -n 60; done
 }
 echo

@@ -1,9 +1,13 @@
 """Small forward + backward calls of every op on every GPU backend, for compute-sanitizer memcheck.
 
 Shapes are odd on purpose (edges of every tile are masked). Exits non-zero if any call raises.
+``python benchmarks/sanitize.py [BACKEND ...]`` limits the run to some backends (the GPU check's racecheck pass
+runs ``cuda`` only: racecheck instruments shared memory, where the CUDA kernels stage their tiles).
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -19,12 +23,14 @@ def _layer_norm(backend: str) -> None:
 
 
 def _attention(backend: str) -> None:
-    q = torch.randn(2, 97, 4, 80, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(2, 129, 2, 80, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn_like(k, requires_grad=True)
-    mask = torch.rand(2, 129, device="cuda") > 0.3
-    mask[1] = False
-    fastformer.attention(q, k, v, causal=True, key_padding_mask=mask, backend=backend).float().sum().backward()
+    for d in (64, 128) if backend == "cuda" else (80,):  # the CUDA kernels take head dims 64 and 128
+        q = torch.randn(2, 97, 4, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(2, 129, 2, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn_like(k, requires_grad=True)
+        mask = torch.rand(2, 129, device="cuda") > 0.3
+        mask[1] = False
+        out = fastformer.attention(q, k, v, causal=True, key_padding_mask=mask, dropout_p=0.1, backend=backend)
+        out.float().sum().backward()
 
 
 def _ffn(backend: str) -> None:
@@ -39,7 +45,7 @@ def _ffn(backend: str) -> None:
 def main() -> None:
     failures = []
     for name, fn in (("layer_norm", _layer_norm), ("attention", _attention), ("ffn", _ffn)):
-        for backend in ("triton", "cuda"):
+        for backend in sys.argv[1:] or ("triton", "cuda"):
             try:
                 fn(backend)
                 torch.cuda.synchronize()

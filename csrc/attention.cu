@@ -1,23 +1,35 @@
-// Fused attention, forward and backward: a simple flash-style reference kernel set (the fast path is Triton).
+// Fused attention, forward and backward, on the tensor cores: mma.sync m16n8k16 fed by ldmatrix from shared memory
+// that cp.async fills (sm_80 and later). fp16 and bf16, head dims 64 and 128 (others run on the Triton backend).
 //
 // Layout and conventions are those of fastformer/ops/attention/: q (B, Sq, H, D), k/v (B, Sk, Hkv, D) with
-// any (batch, token, head) strides and a contiguous head dimension, or packed varlen rows addressed through
-// int32 cu_seqlens; lse is fp32 natural-log, +inf for rows that see no key; causal is bottom-right aligned;
-// dropout decides element (row r, key j) of the dropout matrix with row length drop_stride (dropout.cuh), where
-// r is the flat lse index; the kernels visit a row's keys in order and reuse each Philox call for its four keys.
+// (batch, token, head) strides that are multiples of 8 elements, a contiguous head dimension and 16-byte aligned
+// bases (the launcher copies anything else), or packed varlen rows addressed through int32 cu_seqlens; lse is fp32
+// natural-log, +inf for rows that see no key; causal is bottom-right aligned; dropout decides element (row r, key j)
+// of the dropout matrix with row length drop_stride (dropout.cuh), where r is the flat lse index.
 //
-// Forward: a block owns kRowsPerBlock query rows of one (batch, head); each warp owns kRowsPerWarp rows and
-// each lane holds head-dim elements d = lane + 32 t (D <= 256, a runtime value). K/V tiles of kKeysPerTile
-// keys are staged in shared memory as fp32; per key, a warp reduction gives the score and the softmax is
-// updated online (running max m, normaliser l, fp32 accumulator rescaled when m grows). Causal tiles past
-// the diagonal are not visited.
-// Backward: delta = rowsum(dO * O); a dK/dV kernel where each block owns kKeysPerBlock keys of one kv head
-// and loops over its GQA group's query heads and over query tiles staged in shared memory (no atomics);
-// and a dQ kernel shaped like the forward. P is recomputed as exp(s - lse).
+// Shared-memory tiles hold rows of D 16-bit elements as D / 8 chunks of 16 bytes, chunk c of row r stored at
+// c ^ (r % 8): the eight row addresses of one ldmatrix then fall in eight different bank groups. Loads are cp.async
+// 16-byte copies; rows past the sequence and padded keys are zero-filled instead of read, so NaN or inf stored in
+// padding never reaches an accumulator.
+//
+// Forward (the FlashAttention-2 split): a block of 4 warps owns 64 query rows of one (batch, head), 16 per warp, in
+// the M dimension of the mma. Q goes through shared memory into A fragments held in registers; K/V tiles of 64 keys
+// stream through a two-stage cp.async ring, the next tile's copy in flight during this tile's math. Per tile:
+// S = Q K^T (fp32), the online softmax on exp2 with the scale folded into log2 units (running max m, per-lane partial
+// normaliser l, accumulator rescaled when m grows), then O += P V with P packed from the S accumulators straight into
+// A fragments. Tiles that cross the sequence end or the causal diagonal, and every tile under a padding mask, take
+// the per-element masking; causal tiles wholly past the diagonal are not visited.
+//
+// Backward: delta = rowsum(dO * O) (a warp per row); dK/dV: a block owns 64 keys of one kv head (16 per warp, the M
+// dimension), keeps K and V in shared memory and streams Q/dO tiles of every query head of its GQA group:
+// S^T = K Q^T, P^T = exp(S^T - lse), dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q; dQ: a
+// block shaped like the forward, dQ += dS K over the key tiles. Each output element has one owner that sums in a
+// fixed order: no atomics, and reruns are bitwise equal.
 #include <vector>
 
 #include "common.cuh"
 #include "dropout.cuh"
+#include "mma.cuh"
 #include "ops.h"
 
 namespace fastformer {
@@ -25,13 +37,14 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kPerLane = 8;  // head-dim elements per lane: D <= 32 * 8 = 256
-constexpr int kRowsPerWarp = 4;
-constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;
-constexpr int kKeysPerTile = 16;  // forward/dQ K/V tile: 2 * 16 * 256 * 4 B = 32 KiB of shared memory at D = 256
-constexpr int kKeysPerWarp = 2;
-constexpr int kKeysPerBlock = kWarps * kKeysPerWarp;
-constexpr int kQueryTile = 16;  // dK/dV Q/dO tile, same size
+constexpr int kRows = 16 * kWarps;  // query rows of a forward/dQ block, keys of a dK/dV block
+constexpr int kKeys = 64;           // keys per K/V tile in the forward and dQ
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// queries per Q/dO tile in the dK/dV kernel: 32 keeps dK, dV (2 x D / 4 fp32 per lane) and P^T, dP^T in registers
+template <int D>
+constexpr int kBwdQueries = D == 128 ? 16 : 32;
 
 struct Strides3 {
   int64_t b, s, h;  // batch (0 for varlen), token, head
@@ -77,302 +90,556 @@ __device__ __forceinline__ bool key_on(const Params& p, int64_t b, int64_t j) {
   return p.mask == nullptr || p.mask[b * p.mask_b + j * p.mask_k] != 0;
 }
 
-// query i may see key j under causality (bottom-right aligned)
-__device__ __forceinline__ bool causal_ok(const Params& p, const Seq& s, int64_t i, int64_t j) {
-  return !p.causal || j <= i + s.len_k - s.len_q;
-}
-
 __device__ __forceinline__ int64_t lse_row(const Params& p, int64_t b, int64_t h, const Seq& s, int64_t i) {
   return b * p.lse_b + h * p.lse_h + s.q0 + i;
 }
 
-// The dropout factor (keep_scale or 0; 1 without dropout) of element (row, j), remembering the last Philox call:
-// it decides four consecutive keys of a row, so a thread visiting a row's keys in order makes one call per four.
-struct KeepCache {
-  uint64_t counter = ~uint64_t{0};  // no counter reaches 2**64 - 1
-  uint32_t bits = 0;
+// Element offset of (row, col) in a swizzled tile of rows of D elements; col % 8 is kept within the chunk.
+template <int D>
+__device__ __forceinline__ int swz(int row, int col) {
+  return row * D + ((((col >> 3) ^ row) & 7) | ((col >> 3) & ~7)) * 8 + (col & 7);
+}
 
-  __device__ __forceinline__ float factor(const Params& p, int64_t row, int64_t j) {
-    if (!p.dropout) return 1.f;
-    const uint64_t c = dropout_counter(row, j, p.drop_stride);
-    if (c != counter) {
-      counter = c;
-      bits = dropout_keep4(p.seed, row, j & ~int64_t{3}, p.drop_stride, p.thresh24);
+// This lane's row address in an ldmatrix .x4 over the 16 x 16 block at (r0, c0) of a swizzled tile, for
+//  - A fragments (and B fragments through .trans): matrices (rows 0-7, cols 0-7), (8-15, 0-7), (0-7, 8-15),
+//    (8-15, 8-15), so registers 0-3 are a[0..3] of rows r0.. and k = cols c0..; with .trans on a tile whose rows are
+//    the k dimension, registers 0-1 are the B fragment of columns c0..c0+7 and 2-3 that of c0+8..c0+15;
+//  - B fragments without .trans, on a tile whose rows are the n dimension (K for S = Q K^T): matrices (0-7, 0-7),
+//    (0-7, 8-15), (8-15, 0-7), (8-15, 8-15), so registers 0-1 are the B fragment of n = r0..r0+7, k = c0..c0+15 and
+//    registers 2-3 that of n = r0+8..r0+15.
+template <int D, typename T>
+__device__ __forceinline__ const T* frag_a(const T* tile, int r0, int c0) {
+  const int lane = threadIdx.x & 31;
+  return tile + swz<D>(r0 + ((lane >> 3) & 1) * 8 + (lane & 7), c0 + ((lane >> 4) & 1) * 8);
+}
+template <int D, typename T>
+__device__ __forceinline__ const T* frag_b(const T* tile, int r0, int c0) {
+  const int lane = threadIdx.x & 31;
+  return tile + swz<D>(r0 + ((lane >> 4) & 1) * 8 + (lane & 7), c0 + ((lane >> 3) & 1) * 8);
+}
+
+// Start copying rows [r0, r0 + ROWS) of one head into a swizzled tile; `base` points at row 0 of the sequence and
+// rows are `stride` elements apart. Row r is copied when r < limit and on(r), else zero-filled.
+template <typename T, int D, int ROWS, typename On>
+__device__ __forceinline__ void load_tile(T* tile, const T* base, int64_t stride, int64_t r0, int64_t limit, On on) {
+  constexpr int kChunks = D / 8;
+  static_assert(ROWS * kChunks % kThreads == 0, "every thread copies the same number of chunks");
+  // offsets recomputed per call (a few integer ops) rather than kept live through the main loop in registers
+  const int tid = static_cast<int>(opaque(threadIdx.x));
+#pragma unroll
+  for (int n = 0; n < ROWS * kChunks / kThreads; ++n) {
+    const int idx = tid + n * kThreads, r = idx / kChunks, c = idx % kChunks;
+    const int64_t row = r0 + r;
+    const bool full = row < limit && on(row);
+    cp_async16(tile + swz<D>(r, c * 8), full ? base + row * stride + c * 8 : base, full);
+  }
+}
+
+// Write rows [r0, r0 + ROWS) of a swizzled tile to global memory in 16-byte stores, rows < limit only.
+template <typename T, int D, int ROWS>
+__device__ __forceinline__ void store_tile(const T* tile, T* base, int64_t stride, int64_t r0, int64_t limit) {
+  constexpr int kChunks = D / 8;
+  // 32-bit row tests from opaque values: the loads' 64-bit (r0 + r < limit) would otherwise be kept through the loop
+  const int rows = static_cast<int>(imin(imax(opaque(limit) - opaque(r0), 0), ROWS));
+  base += opaque(r0) * stride;
+#pragma unroll
+  for (int n = 0; n < ROWS * kChunks / kThreads; ++n) {
+    const int idx = threadIdx.x + n * kThreads, r = idx / kChunks, c = idx % kChunks;
+    if (r < rows) {
+      *reinterpret_cast<uint4*>(base + static_cast<uint32_t>(r) * stride + c * 8) =
+          *reinterpret_cast<const uint4*>(tile + swz<D>(r, c * 8));
     }
-    return (bits >> (j & 3)) & 1u ? p.keep_scale : 0.f;
-  }
-};
-
-// Stage keys [n0, n0 + kKeysPerTile) of K and V (one kv head) into shared memory as fp32, zero past the end.
-template <typename T>
-__device__ void stage_kv(const Params& p, int64_t b, int64_t hk, const Seq& s, int64_t n0, float* ks, float* vs) {
-  const T* k = static_cast<const T*>(p.k);
-  const T* v = static_cast<const T*>(p.v);
-  for (int64_t idx = threadIdx.x; idx < kKeysPerTile * p.dim; idx += blockDim.x) {
-    const int64_t j = n0 + idx / p.dim, d = idx % p.dim;
-    const bool ok = j < s.len_k;
-    ks[idx] = ok ? to_f32(k[at(p.sk, b, s.k0 + j, hk) + d]) : 0.f;
-    vs[idx] = ok ? to_f32(v[at(p.sv, b, s.k0 + j, hk) + d]) : 0.f;
   }
 }
 
-template <typename T>
-__device__ void load_row(const T* base, int64_t dim, float (&r)[kPerLane]) {
-  const int lane = threadIdx.x & 31;
+// Put a warp's accumulators for 16 rows x D columns (acc[c / 8][...] in the C layout) into a swizzled tile, times
+// `mul`, as T.
+template <typename T, int D>
+__device__ __forceinline__ void acc_to_tile(T* tile, int r0, const float (&acc)[D / 8][4], float mul0, float mul1) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll
-  for (int t = 0; t < kPerLane; ++t) {
-    const int64_t d = lane + 32 * t;
-    r[t] = d < dim ? to_f32(base[d]) : 0.f;
+  for (int nb = 0; nb < D / 8; ++nb) {
+    *reinterpret_cast<uint32_t*>(tile + swz<D>(r0 + g, nb * 8 + 2 * t)) =
+        pack2<T>(acc[nb][0] * mul0, acc[nb][1] * mul0);
+    *reinterpret_cast<uint32_t*>(tile + swz<D>(r0 + g + 8, nb * 8 + 2 * t)) =
+        pack2<T>(acc[nb][2] * mul1, acc[nb][3] * mul1);
   }
 }
 
-__device__ __forceinline__ float dot_row(const float (&r)[kPerLane], const float* tile_row, int64_t dim) {
-  const int lane = threadIdx.x & 31;
-  float acc = 0.f;
+// acc (16 x N, C layout, N / 8 tiles) += A (16 x K, fragments a[K / 16]) times B from a swizzled tile. The B tile has
+// k as rows (TRANS, ldmatrix .trans: V or dO or Q or K read as k x n) or n as rows (!TRANS: K, Q, V or dO read as
+// n x k); b_r0 / b_c0 locate the block, k advancing along the tile's rows (TRANS) or columns (!TRANS).
+template <typename T, int D, int K, int N, bool TRANS>
+__device__ __forceinline__ void mma_ab(float (&acc)[N / 8][4], const uint32_t (&a)[K / 16][4], const T* b_tile,
+                                       int b_r0) {
 #pragma unroll
-  for (int t = 0; t < kPerLane; ++t) {
-    const int64_t d = lane + 32 * t;
-    if (d < dim) acc += r[t] * tile_row[d];
-  }
-  return warp_sum(acc);
-}
-
-template <typename T>
-__device__ void store_row(T* base, const float (&r)[kPerLane], float scale, int64_t dim) {
-  const int lane = threadIdx.x & 31;
+  for (int kk = 0; kk < K / 16; ++kk) {
 #pragma unroll
-  for (int t = 0; t < kPerLane; ++t) {
-    const int64_t d = lane + 32 * t;
-    if (d < dim) base[d] = from_f32<T>(r[t] * scale);
+    for (int n2 = 0; n2 < N / 16; ++n2) {
+      uint32_t b[4];
+      if constexpr (TRANS) {
+        ldsm_x4_trans(b, frag_a<D>(b_tile, b_r0 + kk * 16, n2 * 16));
+      } else {
+        ldsm_x4(b, frag_b<D>(b_tile, b_r0 + n2 * 16, kk * 16));
+      }
+      mma_16816<T>(acc[2 * n2], a[kk], b[0], b[1]);
+      mma_16816<T>(acc[2 * n2 + 1], a[kk], b[2], b[3]);
+    }
   }
 }
 
-// The query tile of a forward or dQ block: kRowsPerBlock rows from m0 of one (batch, head), and its kv head.
+// acc (16 x N) += rows a_r0..a_r0+15 of swizzled tile A (16 x D) times B^T, B being N rows of tile b (n x k = D):
+// the S = Q K^T shape, A fragments loaded per k step.
+template <typename T, int D, int N>
+__device__ __forceinline__ void mma_abt(float (&acc)[N / 8][4], const T* a_tile, int a_r0, const T* b_tile) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[4];
+    ldsm_x4(a, frag_a<D>(a_tile, a_r0, kk * 16));
+#pragma unroll
+    for (int n2 = 0; n2 < N / 16; ++n2) {
+      uint32_t b[4];
+      ldsm_x4(b, frag_b<D>(b_tile, n2 * 16, kk * 16));
+      mma_16816<T>(acc[2 * n2], a, b[0], b[1]);
+      mma_16816<T>(acc[2 * n2 + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// Accumulators of 16 x N in the C layout, packed as the A fragments of a 16 x N left operand.
+template <typename T, int N>
+__device__ __forceinline__ void acc_to_a(uint32_t (&a)[N / 16][4], const float (&c)[N / 8][4]) {
+#pragma unroll
+  for (int kk = 0; kk < N / 16; ++kk) {
+    a[kk][0] = pack2<T>(c[2 * kk][0], c[2 * kk][1]);
+    a[kk][1] = pack2<T>(c[2 * kk][2], c[2 * kk][3]);
+    a[kk][2] = pack2<T>(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+    a[kk][3] = pack2<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void zero(float (&c)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) c[i][0] = c[i][1] = c[i][2] = c[i][3] = 0.f;
+}
+
+// Dropout keep bits of this lane's accumulator elements, bit 4 nb + e for element e of C tile nb, in a loop kept
+// rolled so that the Philox rounds are not replicated per element. Forward/dQ layout (rows = queries): element e
+// is (lse row row0 or row1 by e / 2, key j0 + 8 nb + 2t + e % 2); one Philox call serves both keys of a row.
+__device__ __forceinline__ uint32_t keep_bits_q(const Params& p, int64_t row0, int64_t row1, int64_t j0) {
+  const int t = threadIdx.x & 3;
+  uint32_t bits = 0;
+#pragma unroll 1
+  for (int nb = 0; nb < kKeys / 8; ++nb) {
+#pragma unroll 1
+    for (int r = 0; r < 2; ++r) {
+      const int64_t j = j0 + nb * 8 + 2 * t;
+      const uint32_t w = dropout_keep4(p.seed, r ? row1 : row0, j & ~int64_t{3}, p.drop_stride, p.thresh24) >> (j & 3);
+      bits |= (w & 3u) << (nb * 4 + 2 * r);
+    }
+  }
+  return bits;
+}
+
+// The same for the dK/dV layout (rows = keys): element e of tile qb is (key j0 + 8 (e / 2), lse row of query
+// i0 + 8 qb + 2t + e % 2 of head h); one Philox call per element.
+template <int M>
+__device__ __forceinline__ uint32_t keep_bits_k(const Params& p, int64_t b, int64_t h, const Seq& s, int64_t j0,
+                                                int64_t i0) {
+  const int t = threadIdx.x & 3;
+  uint32_t bits = 0;
+#pragma unroll 1
+  for (int idx = 0; idx < M / 2; ++idx) {
+    const int qb = idx >> 2, e = idx & 3;
+    const int64_t j = j0 + 8 * (e >> 1), row = lse_row(p, b, h, s, i0 + qb * 8 + 2 * t + (e & 1));
+    const uint32_t w = dropout_keep4(p.seed, row, j & ~int64_t{3}, p.drop_stride, p.thresh24) >> (j & 3);
+    bits |= (w & 1u) << idx;
+  }
+  return bits;
+}
+
+// The causal test of a tile as a small integer: pair (query row ri, key column cj) of a tile is hidden when
+// cj - ri > diag, with diag clamped so that the comparison stays in 32 bits.
+__device__ __forceinline__ int causal_diag(int64_t m0, int64_t n0, int64_t off) {
+  return static_cast<int>(imax(-256, imin(256, m0 + off - n0)));
+}
+
+// The key tile loop's bounds for query rows [m0, m0 + kRows): keys [0, hi) of which causal tiles past the diagonal
+// are skipped.
+__device__ __forceinline__ int64_t key_end(const Params& p, const Seq& s, int64_t m0) {
+  int64_t hi = s.len_k;
+  if (p.causal) hi = imax(0, imin(hi, m0 + kRows + s.len_k - s.len_q));
+  return hi;
+}
+
+// Does the tile of keys [n0, n0 + n) need per-element masking for query rows [m0, m0 + rows)?
+__device__ __forceinline__ bool tile_masked(const Params& p, const Seq& s, int64_t m0, int64_t n0, int n) {
+  return p.mask != nullptr || n0 + n > s.len_k || (p.causal && n0 + n - 1 > m0 + s.len_k - s.len_q);
+}
+
+// The forward/dQ block: kRows query rows from m0 of one (batch, head), and its kv head.
 struct QTile {
   int64_t b, h, hk, m0;
   Seq s;
 };
 
 __device__ __forceinline__ QTile q_tile(const Params& p) {
-  const int64_t n_m = (p.seq_q + kRowsPerBlock - 1) / kRowsPerBlock;
+  const int64_t n_m = (p.seq_q + kRows - 1) / kRows;
   const int64_t bh = blockIdx.x / n_m, b = bh / p.heads, h = bh % p.heads;
-  return {b, h, h / (p.heads / p.kv_heads), (blockIdx.x % n_m) * kRowsPerBlock, seq_of(p, b)};
+  return {b, h, h / (p.heads / p.kv_heads), (blockIdx.x % n_m) * kRows, seq_of(p, b)};
 }
 
-// The key loop of the forward and dQ kernels: K/V tiles of kKeysPerTile keys up to the causal diagonal of the
-// block's rows are staged in shared memory (ks, vs as fp32); then, for each row slot r of this warp and each key j
-// that row sees, visit(r, row, jj, j) with row the lse index of the query and jj the key's slot in the tile.
-template <typename T, typename Visit>
-__device__ __forceinline__ void for_visible_keys(const Params& p, const QTile& qt, float* ks, float* vs,
-                                                 Visit&& visit) {
-  const int warp = threadIdx.x >> 5;
-  int64_t hi = qt.s.len_k;
-  if (p.causal) hi = imin(hi, qt.m0 + kRowsPerBlock + qt.s.len_k - qt.s.len_q);  // skip tiles past the diagonal
-  for (int64_t n0 = 0; n0 < hi; n0 += kKeysPerTile) {
-    __syncthreads();  // the previous tile is no longer read
-    stage_kv<T>(p, qt.b, qt.hk, qt.s, n0, ks, vs);
+// The K and V tiles of keys [n0, n0 + N) of one kv head, and their additive mask (0 or -inf) in `bias`.
+template <typename T, int D, int N>
+__device__ __forceinline__ void load_kv(const Params& p, int64_t b, int64_t hk, const Seq& s, int64_t n0, T* ks,
+                                        T* vs, float* bias) {
+  auto on = [&](int64_t j) { return key_on(p, b, j); };
+  load_tile<T, D, N>(ks, static_cast<const T*>(p.k) + at(p.sk, b, s.k0, hk), p.sk.s, n0, s.len_k, on);
+  load_tile<T, D, N>(vs, static_cast<const T*>(p.v) + at(p.sv, b, s.k0, hk), p.sv.s, n0, s.len_k, on);
+  if (threadIdx.x < N) {
+    const int64_t j = n0 + threadIdx.x;
+    bias[threadIdx.x] = j < s.len_k && key_on(p, b, j) ? 0.f : -INFINITY;
+  }
+}
+
+template <int D>
+constexpr size_t fwd_smem(size_t elem) {
+  return (kRows + 4 * kKeys) * D * elem + 2 * kKeys * sizeof(float);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1) attn_fwd_kernel(Params p, T* out, Strides3 so, float* lse) {
+  T* qs = reinterpret_cast<T*>(dynamic_smem());  // kRows x D
+  T* ks = qs + kRows * D;                         // 2 stages x kKeys x D
+  T* vs = ks + 2 * kKeys * D;                     // 2 stages x kKeys x D
+  float* bias = reinterpret_cast<float*>(vs + 2 * kKeys * D);  // 2 stages x kKeys
+  const QTile qt = q_tile(p);
+  const Seq& s = qt.s;
+  if (qt.m0 >= s.len_q) return;  // uniform over the block
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int64_t off = s.len_k - s.len_q;  // causal: query i sees keys j <= i + off
+  const int64_t hi = key_end(p, s, qt.m0);
+  const int n_tiles = static_cast<int>((hi + kKeys - 1) / kKeys);
+
+  load_tile<T, D, kRows>(qs, static_cast<const T*>(p.q) + at(p.sq, qt.b, s.q0, qt.h), p.sq.s, qt.m0, s.len_q,
+                         [](int64_t) { return true; });
+  if (n_tiles > 0) load_kv<T, D, kKeys>(p, qt.b, qt.hk, s, 0, ks, vs, bias);
+  cp_async_commit();
+
+  const float c = p.scale * kLog2e;  // scores in log2 units
+  const int64_t row0 = lse_row(p, qt.b, qt.h, s, qt.m0 + warp * 16 + g);  // this lane's rows: row0 and row0 + 8
+  float o[D / 8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  zero(o);
+  uint32_t qf[D / 16][4];
+  for (int it = 0; it < n_tiles; ++it) {
+    const int st = it & 1;
+    const int64_t n0 = static_cast<int64_t>(it) * kKeys;
+    if (it + 1 < n_tiles) {
+      load_kv<T, D, kKeys>(p, qt.b, qt.hk, s, n0 + kKeys, ks + (st ^ 1) * kKeys * D, vs + (st ^ 1) * kKeys * D,
+                           bias + (st ^ 1) * kKeys);
+    }
+    cp_async_commit();  // possibly empty: the wait below always leaves exactly the next tile in flight
+    cp_async_wait<1>();
     __syncthreads();
-    const int64_t n_end = imin(kKeysPerTile, hi - n0);
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      const int64_t i = qt.m0 + warp * kRowsPerWarp + r;
-      if (i >= qt.s.len_q) break;
-      const int64_t row = lse_row(p, qt.b, qt.h, qt.s, i);
-      for (int64_t jj = 0; jj < n_end; ++jj) {
-        const int64_t j = n0 + jj;
-        if (!key_on(p, qt.b, j) || !causal_ok(p, qt.s, i, j)) continue;  // uniform over the warp
-        visit(r, row, jj, j);
+    if (it == 0) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) ldsm_x4(qf[kk], frag_a<D>(qs, warp * 16, kk * 16));
+    }
+    const T* kt = ks + st * kKeys * D;
+    const T* vt = vs + st * kKeys * D;
+    const float* bt = bias + st * kKeys;
+
+    float sc[kKeys / 8][4];
+    zero(sc);
+    mma_ab<T, D, D, kKeys, false>(sc, qf, kt, 0);
+
+    const bool masked = tile_masked(p, s, qt.m0, n0, kKeys);
+    const int diag = causal_diag(qt.m0, n0, off);
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nb = 0; nb < kKeys / 8; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = sc[nb][e] * c;
+        if (masked) {
+          const int jj = nb * 8 + 2 * t + (e & 1);
+          x += bt[jj];
+          if (p.causal && jj - (warp * 16 + g + 8 * (e >> 1)) > diag) x = -INFINITY;
+        }
+        sc[nb][e] = x;
+        mx[e >> 1] = fmaxf(mx[e >> 1], x);
       }
     }
-  }
-}
-
-template <typename T>
-__global__ void attn_fwd_kernel(Params p, T* out, Strides3 so, float* lse) {
-  extern __shared__ float smem[];
-  float* ks = smem;
-  float* vs = smem + kKeysPerTile * p.dim;
-  const QTile qt = q_tile(p);
-  if (qt.m0 >= qt.s.len_q) return;  // uniform over the block
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-
-  float q[kRowsPerWarp][kPerLane], acc[kRowsPerWarp][kPerLane], m[kRowsPerWarp], l[kRowsPerWarp];
-  for (int r = 0; r < kRowsPerWarp; ++r) {
-    const int64_t i = qt.m0 + warp * kRowsPerWarp + r;
-    const int64_t ii = i < qt.s.len_q ? i : 0;
-    load_row(static_cast<const T*>(p.q) + at(p.sq, qt.b, qt.s.q0 + ii, qt.h), p.dim, q[r]);
-    for (int t = 0; t < kPerLane; ++t) acc[r][t] = 0.f;
-    m[r] = -INFINITY;
-    l[r] = 0.f;
-  }
-  KeepCache drop;
-  for_visible_keys<T>(p, qt, ks, vs, [&](int r, int64_t row, int64_t jj, int64_t j) {
-    const float sc = dot_row(q[r], ks + jj * p.dim, p.dim) * p.scale;
-    const float m_new = fmaxf(m[r], sc);
-    const float alpha = expf(m[r] - m_new);  // 0 while no key has been seen (m = -inf)
-    const float e = expf(sc - m_new);
-    l[r] = l[r] * alpha + e;
-    const float w = e * drop.factor(p, row, j);
+    float alpha[2], base[2];
 #pragma unroll
-    for (int t = 0; t < kPerLane; ++t) {
-      const int64_t d = lane + 32 * t;
-      acc[r][t] = acc[r][t] * alpha + (d < p.dim ? w * vs[jj * p.dim + d] : 0.f);
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      const float m_new = fmaxf(m[r], mx[r]);
+      base[r] = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet: every exp2 below is 0
+      alpha[r] = exp2f(m[r] - base[r]);
+      m[r] = m_new;
+      l[r] *= alpha[r];
     }
-    m[r] = m_new;
-  });
-  for (int r = 0; r < kRowsPerWarp; ++r) {
-    const int64_t i = qt.m0 + warp * kRowsPerWarp + r;
-    if (i >= qt.s.len_q) break;
-    store_row(out + at(so, qt.b, qt.s.q0 + i, qt.h), acc[r], l[r] > 0.f ? 1.f / l[r] : 0.f, p.dim);
-    if (lane == 0) lse[lse_row(p, qt.b, qt.h, qt.s, i)] = l[r] > 0.f ? m[r] + logf(l[r]) : INFINITY;
+#pragma unroll
+    for (int nb = 0; nb < D / 8; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[nb][e] *= alpha[e >> 1];
+    }
+    const uint32_t kept = p.dropout ? keep_bits_q(p, row0, row0 + 8, n0) : ~0u;
+#pragma unroll
+    for (int nb = 0; nb < kKeys / 8; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float pr = exp2f(sc[nb][e] - base[e >> 1]);
+        l[e >> 1] += pr;  // the normaliser counts dropped probabilities too
+        sc[nb][e] = (kept >> (nb * 4 + e)) & 1u ? pr * p.keep_scale : 0.f;
+      }
+    }
+    uint32_t pf[kKeys / 16][4];
+    acc_to_a<T, kKeys>(pf, sc);
+    mma_ab<T, D, kKeys, D, true>(o, pf, vt, 0);
+    __syncthreads();  // this stage is refilled by the next iteration
   }
+
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    inv[r] = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    const int64_t i = opaque(qt.m0) + warp * 16 + g + 8 * r;  // recomputed: see opaque()
+    if (t == 0 && i < s.len_q) lse[lse_row(p, qt.b, qt.h, s, i)] = l[r] > 0.f ? m[r] * kLn2 + logf(l[r]) : INFINITY;
+  }
+  cp_async_wait<0>();  // with no key tile, the Q copy may still be in flight into qs
+  __syncthreads();
+  acc_to_tile<T, D>(qs, warp * 16, o, inv[0], inv[1]);
+  __syncthreads();
+  store_tile<T, D, kRows>(qs, out + at(so, qt.b, s.q0, qt.h), so.s, qt.m0, s.len_q);
 }
 
-// delta[row] = sum_d dO * O; one warp per row
-template <typename T>
-__global__ void attn_bwd_delta_kernel(Params p, const T* out, Strides3 so, const T* dout, Strides3 sdo,
-                                      float* delta) {
+// delta[row] = sum_d dO * O; one warp per row, D / 32 elements per lane
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1) attn_bwd_delta_kernel(Params p, const T* out, Strides3 so, const T* dout,
+                                                                  Strides3 sdo, float* delta) {
   const int64_t n_m = (p.seq_q + kWarps - 1) / kWarps;
   const int64_t bh = blockIdx.x / n_m, b = bh / p.heads, h = bh % p.heads;
   const int64_t i = (blockIdx.x % n_m) * kWarps + (threadIdx.x >> 5);
   const Seq s = seq_of(p, b);
   if (i >= s.len_q) return;
-  float o[kPerLane], g[kPerLane];
-  load_row(out + at(so, b, s.q0 + i, h), p.dim, o);
-  load_row(dout + at(sdo, b, s.q0 + i, h), p.dim, g);
+  const int lane = threadIdx.x & 31;
+  const T* o = out + at(so, b, s.q0 + i, h);
+  const T* g = dout + at(sdo, b, s.q0 + i, h);
   float acc = 0.f;
 #pragma unroll
-  for (int t = 0; t < kPerLane; ++t) acc += o[t] * g[t];
+  for (int d = lane; d < D; d += 32) acc += to_f32(o[d]) * to_f32(g[d]);
   acc = warp_sum(acc);
-  if ((threadIdx.x & 31) == 0) delta[lse_row(p, b, h, s, i)] = acc;
+  if (lane == 0) delta[lse_row(p, b, h, s, i)] = acc;
 }
 
-template <typename T>
-__global__ void attn_bwd_dkdv_kernel(Params p, const T* dout, Strides3 sdo, const float* lse, const float* delta,
-                                     T* dk, Strides3 sdk, T* dv, Strides3 sdv) {
-  extern __shared__ float smem[];
-  float* qs = smem;
-  float* dos = smem + kQueryTile * p.dim;
-  __shared__ float lse_s[kQueryTile], delta_s[kQueryTile];
+template <int D>
+constexpr size_t dkdv_smem(size_t elem) {
+  return (2 * kRows + 4 * kBwdQueries<D>) * D * elem + (4 * kBwdQueries<D> + kRows) * sizeof(float);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1)
+    attn_bwd_dkdv_kernel(Params p, const T* dout, Strides3 sdo, const float* lse, const float* delta, T* dk,
+                         Strides3 sdk, T* dv, Strides3 sdv) {
+  constexpr int M = kBwdQueries<D>;
+  T* ks = reinterpret_cast<T*>(dynamic_smem());  // kRows x D
+  T* vs = ks + kRows * D;                         // kRows x D
+  T* qs = vs + kRows * D;                         // 2 stages x M x D
+  T* dos = qs + 2 * M * D;                        // 2 stages x M x D
+  float* lse_s = reinterpret_cast<float*>(dos + 2 * M * D);  // 2 stages x M, in log2 units
+  float* delta_s = lse_s + 2 * M;                            // 2 stages x M
+  float* bias = delta_s + 2 * M;                             // kRows: 0 or -inf per key
   const int64_t group = p.heads / p.kv_heads;
-  const int64_t n_n = (p.seq_k + kKeysPerBlock - 1) / kKeysPerBlock;
+  const int64_t n_n = (p.seq_k + kRows - 1) / kRows;
   const int64_t bh = blockIdx.x / n_n, b = bh / p.kv_heads, hk = bh % p.kv_heads;
-  const int64_t n0 = (blockIdx.x % n_n) * kKeysPerBlock;
+  const int64_t n0 = (blockIdx.x % n_n) * kRows;
   const Seq s = seq_of(p, b);
   if (n0 >= s.len_k) return;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int64_t off = s.len_k - s.len_q;
   const T* q = static_cast<const T*>(p.q);
 
-  float kr[kKeysPerWarp][kPerLane], vr[kKeysPerWarp][kPerLane];
-  float dkr[kKeysPerWarp][kPerLane], dvr[kKeysPerWarp][kPerLane];
-  bool on[kKeysPerWarp];
-  for (int c = 0; c < kKeysPerWarp; ++c) {
-    const int64_t j = n0 + warp * kKeysPerWarp + c;
-    on[c] = j < s.len_k && key_on(p, b, j);
-    const int64_t jj = j < s.len_k ? j : 0;
-    load_row(static_cast<const T*>(p.k) + at(p.sk, b, s.k0 + jj, hk), p.dim, kr[c]);
-    load_row(static_cast<const T*>(p.v) + at(p.sv, b, s.k0 + jj, hk), p.dim, vr[c]);
-    for (int t = 0; t < kPerLane; ++t) dkr[c][t] = dvr[c][t] = 0.f;
-  }
+  load_kv<T, D, kRows>(p, b, hk, s, n0, ks, vs, bias);
   // queries before the first one that can see key n0 see none of this block's keys
-  const int64_t lo = p.causal ? imax(0, n0 - (s.len_k - s.len_q)) : 0;
-  KeepCache drop;
-  for (int64_t g = 0; g < group; ++g) {
-    const int64_t h = hk * group + g;
-    for (int64_t i0 = lo; i0 < s.len_q; i0 += kQueryTile) {
-      __syncthreads();
-      for (int64_t idx = threadIdx.x; idx < kQueryTile * p.dim; idx += blockDim.x) {
-        const int64_t i = i0 + idx / p.dim, d = idx % p.dim;
-        const bool ok = i < s.len_q;
-        qs[idx] = ok ? to_f32(q[at(p.sq, b, s.q0 + i, h) + d]) : 0.f;
-        dos[idx] = ok ? to_f32(dout[at(sdo, b, s.q0 + i, h) + d]) : 0.f;
-      }
-      if (threadIdx.x < kQueryTile) {
-        const int64_t i = i0 + threadIdx.x;
-        lse_s[threadIdx.x] = i < s.len_q ? lse[lse_row(p, b, h, s, i)] : INFINITY;
-        delta_s[threadIdx.x] = i < s.len_q ? delta[lse_row(p, b, h, s, i)] : 0.f;
-      }
-      __syncthreads();
-      const int64_t i_end = imin(kQueryTile, s.len_q - i0);
-      // queries outer, this warp's (consecutive) keys inner, so that they share the row's Philox calls; each key's
-      // sums still run over the queries in order
-      for (int64_t ii = 0; ii < i_end; ++ii) {
-        const int64_t i = i0 + ii;
-        const int64_t row = lse_row(p, b, h, s, i);
-        for (int c = 0; c < kKeysPerWarp; ++c) {
-          const int64_t j = n0 + warp * kKeysPerWarp + c;
-          if (!on[c] || !causal_ok(p, s, i, j)) continue;  // uniform over the warp
-          const float sc = dot_row(kr[c], qs + ii * p.dim, p.dim) * p.scale;
-          const float pr = expf(sc - lse_s[ii]);  // 0 for rows with lse = +inf
-          const float keep = drop.factor(p, row, j);
-          const float dp = dot_row(vr[c], dos + ii * p.dim, p.dim) * keep;
-          const float ds = pr * (dp - delta_s[ii]);
+  const int64_t lo = p.causal ? imin(s.len_q, imax(0, n0 - off)) : 0;
+  const int64_t per_head = (s.len_q - lo + M - 1) / M;
+  const int64_t steps = per_head * group;
+  auto load_q = [&](int64_t step, int st) {
+    const int64_t h = hk * group + step / per_head, i0 = lo + (step % per_head) * M;
+    auto all = [](int64_t) { return true; };
+    load_tile<T, D, M>(qs + st * M * D, q + at(p.sq, b, s.q0, h), p.sq.s, i0, s.len_q, all);
+    load_tile<T, D, M>(dos + st * M * D, dout + at(sdo, b, s.q0, h), sdo.s, i0, s.len_q, all);
+    if (threadIdx.x < M) {
+      const int64_t i = i0 + threadIdx.x;
+      const bool ok = i < s.len_q;
+      lse_s[st * M + threadIdx.x] = ok ? lse[lse_row(p, b, h, s, i)] * kLog2e : INFINITY;
+      delta_s[st * M + threadIdx.x] = ok ? delta[lse_row(p, b, h, s, i)] : 0.f;
+    }
+  };
+  if (steps > 0) load_q(0, 0);
+  cp_async_commit();
+
+  const float c = p.scale * kLog2e;
+  float dka[D / 8][4], dva[D / 8][4];
+  zero(dka);
+  zero(dva);
+  const int kr = warp * 16;  // this warp's keys within the block: rows kr..kr+15 of the M dimension
+  for (int64_t step = 0; step < steps; ++step) {
+    const int st = static_cast<int>(step & 1);
+    if (step + 1 < steps) load_q(step + 1, st ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const int64_t h = hk * group + step / per_head, i0 = lo + (step % per_head) * M;
+    const T* qt = qs + st * M * D;
+    const T* dot = dos + st * M * D;
+    const float* ls = lse_s + st * M;
+    const float* ds = delta_s + st * M;
+
+    // masking applies to keys (rows: padding, sequence end) and to (key, query) pairs (causal)
+    const bool masked = p.mask != nullptr || n0 + kRows > s.len_k || (p.causal && n0 + kRows - 1 > i0 + off);
+    const float bias_r[2] = {bias[kr + g], bias[kr + g + 8]};
+    // P^T (keys x queries), then dV += dropout(P^T) dO; the keep decisions are remembered as bits for dS
+    float pt[M / 8][4];
+    zero(pt);
+    mma_abt<T, D, M>(pt, ks, kr, qt);
+    const uint32_t kept = p.dropout ? keep_bits_k<M>(p, b, h, s, n0 + kr + g, i0) : ~0u;
+    const int diag = causal_diag(i0, n0, off);
+    {
+      float pd[M / 8][4];
 #pragma unroll
-          for (int t = 0; t < kPerLane; ++t) {
-            const int64_t d = lane + 32 * t;
-            if (d < p.dim) {
-              dvr[c][t] += pr * keep * dos[ii * p.dim + d];
-              dkr[c][t] += ds * qs[ii * p.dim + d];
-            }
+      for (int qb = 0; qb < M / 8; ++qb) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int qq = qb * 8 + 2 * t + (e & 1);
+          float x = pt[qb][e] * c - ls[qq];
+          if (masked) {
+            x += bias_r[e >> 1];
+            if (p.causal && kr + g + 8 * (e >> 1) - qq > diag) x = -INFINITY;
           }
+          pt[qb][e] = exp2f(x);  // 0 for rows with lse = +inf and for masked pairs
+          pd[qb][e] = (kept >> (qb * 4 + e)) & 1u ? pt[qb][e] * p.keep_scale : 0.f;
         }
       }
+      uint32_t pf[M / 16][4];
+      acc_to_a<T, M>(pf, pd);
+      mma_ab<T, D, M, D, true>(dva, pf, dot, 0);
     }
-  }
-  for (int c = 0; c < kKeysPerWarp; ++c) {
-    const int64_t j = n0 + warp * kKeysPerWarp + c;
-    if (j >= s.len_k) break;
-    T* dkp = dk + at(sdk, b, s.k0 + j, hk);
-    T* dvp = dv + at(sdv, b, s.k0 + j, hk);
+    // dP^T = V dO^T, dS^T = P^T (dropout(dP^T) - delta), dK += dS^T Q
+    float dpt[M / 8][4];
+    zero(dpt);
+    mma_abt<T, D, M>(dpt, vs, kr, dot);
 #pragma unroll
-    for (int t = 0; t < kPerLane; ++t) {
-      const int64_t d = lane + 32 * t;
-      if (d < p.dim) {
-        dkp[d] = from_f32<T>(dkr[c][t] * p.scale);
-        dvp[d] = from_f32<T>(dvr[c][t]);
+    for (int qb = 0; qb < M / 8; ++qb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float keep = (kept >> (qb * 4 + e)) & 1u ? p.keep_scale : 0.f;
+        dpt[qb][e] = pt[qb][e] * (dpt[qb][e] * keep - ds[qb * 8 + 2 * t + (e & 1)]);
       }
     }
+    uint32_t dsf[M / 16][4];
+    acc_to_a<T, M>(dsf, dpt);
+    mma_ab<T, D, M, D, true>(dka, dsf, qt, 0);
+    __syncthreads();
   }
+  cp_async_wait<0>();
+  __syncthreads();
+  // ks/vs are free now: stage dK (times the softmax scale) and dV there for 16-byte stores
+  acc_to_tile<T, D>(ks, kr, dka, p.scale, p.scale);
+  acc_to_tile<T, D>(vs, kr, dva, 1.f, 1.f);
+  __syncthreads();
+  store_tile<T, D, kRows>(ks, dk + at(sdk, b, s.k0, hk), sdk.s, n0, s.len_k);
+  store_tile<T, D, kRows>(vs, dv + at(sdv, b, s.k0, hk), sdv.s, n0, s.len_k);
 }
 
-template <typename T>
-__global__ void attn_bwd_dq_kernel(Params p, const T* dout, Strides3 sdo, const float* lse, const float* delta,
-                                   T* dq, Strides3 sdq) {
-  extern __shared__ float smem[];
-  float* ks = smem;
-  float* vs = smem + kKeysPerTile * p.dim;
-  const QTile qt = q_tile(p);
-  if (qt.m0 >= qt.s.len_q) return;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+template <int D>
+constexpr size_t dq_smem(size_t elem) {
+  return (2 * kRows + 4 * kKeys) * D * elem + 2 * kKeys * sizeof(float);
+}
 
-  float q[kRowsPerWarp][kPerLane], g[kRowsPerWarp][kPerLane], acc[kRowsPerWarp][kPerLane];
-  float lr[kRowsPerWarp], dl[kRowsPerWarp];
-  for (int r = 0; r < kRowsPerWarp; ++r) {
-    const int64_t i = qt.m0 + warp * kRowsPerWarp + r;
-    const bool ok = i < qt.s.len_q;
-    const int64_t ii = ok ? i : 0;
-    load_row(static_cast<const T*>(p.q) + at(p.sq, qt.b, qt.s.q0 + ii, qt.h), p.dim, q[r]);
-    load_row(dout + at(sdo, qt.b, qt.s.q0 + ii, qt.h), p.dim, g[r]);
-    for (int t = 0; t < kPerLane; ++t) acc[r][t] = 0.f;
-    lr[r] = ok ? lse[lse_row(p, qt.b, qt.h, qt.s, i)] : INFINITY;
-    dl[r] = ok ? delta[lse_row(p, qt.b, qt.h, qt.s, i)] : 0.f;
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_kernel(Params p, const T* dout, Strides3 sdo, const float* lse,
+                                                               const float* delta, T* dq, Strides3 sdq) {
+  T* qs = reinterpret_cast<T*>(dynamic_smem());  // kRows x D
+  T* dos = qs + kRows * D;                        // kRows x D
+  T* ks = dos + kRows * D;                        // 2 stages x kKeys x D
+  T* vs = ks + 2 * kKeys * D;                     // 2 stages x kKeys x D
+  float* bias = reinterpret_cast<float*>(vs + 2 * kKeys * D);  // 2 stages x kKeys
+  const QTile qt = q_tile(p);
+  const Seq& s = qt.s;
+  if (qt.m0 >= s.len_q) return;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int64_t off = s.len_k - s.len_q;
+  const int64_t hi = key_end(p, s, qt.m0);
+  const int n_tiles = static_cast<int>((hi + kKeys - 1) / kKeys);
+  auto all = [](int64_t) { return true; };
+  load_tile<T, D, kRows>(qs, static_cast<const T*>(p.q) + at(p.sq, qt.b, s.q0, qt.h), p.sq.s, qt.m0, s.len_q, all);
+  load_tile<T, D, kRows>(dos, dout + at(sdo, qt.b, s.q0, qt.h), sdo.s, qt.m0, s.len_q, all);
+  if (n_tiles > 0) load_kv<T, D, kKeys>(p, qt.b, qt.hk, s, 0, ks, vs, bias);
+  cp_async_commit();
+
+  const float c = p.scale * kLog2e;
+  const int64_t row0 = lse_row(p, qt.b, qt.h, s, qt.m0 + warp * 16 + g);  // this lane's rows: row0 and row0 + 8
+  float ls[2], dl[2];
+  for (int r = 0; r < 2; ++r) {
+    const bool ok = qt.m0 + warp * 16 + g + 8 * r < s.len_q;
+    ls[r] = ok ? lse[row0 + 8 * r] * kLog2e : INFINITY;
+    dl[r] = ok ? delta[row0 + 8 * r] : 0.f;
   }
-  KeepCache drop;
-  for_visible_keys<T>(p, qt, ks, vs, [&](int r, int64_t row, int64_t jj, int64_t j) {
-    const float sc = dot_row(q[r], ks + jj * p.dim, p.dim) * p.scale;
-    const float pr = expf(sc - lr[r]);
-    const float dp = dot_row(g[r], vs + jj * p.dim, p.dim) * drop.factor(p, row, j);
-    const float ds = pr * (dp - dl[r]);
-#pragma unroll
-    for (int t = 0; t < kPerLane; ++t) {
-      const int64_t d = lane + 32 * t;
-      if (d < p.dim) acc[r][t] += ds * ks[jj * p.dim + d];
+  float dqa[D / 8][4];
+  zero(dqa);
+  for (int it = 0; it < n_tiles; ++it) {
+    const int st = it & 1;
+    const int64_t n0 = static_cast<int64_t>(it) * kKeys;
+    if (it + 1 < n_tiles) {
+      load_kv<T, D, kKeys>(p, qt.b, qt.hk, s, n0 + kKeys, ks + (st ^ 1) * kKeys * D, vs + (st ^ 1) * kKeys * D,
+                           bias + (st ^ 1) * kKeys);
     }
-  });
-  for (int r = 0; r < kRowsPerWarp; ++r) {
-    const int64_t i = qt.m0 + warp * kRowsPerWarp + r;
-    if (i >= qt.s.len_q) break;
-    store_row(dq + at(sdq, qt.b, qt.s.q0 + i, qt.h), acc[r], p.scale, p.dim);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const T* kt = ks + st * kKeys * D;
+    const T* vt = vs + st * kKeys * D;
+    const float* bt = bias + st * kKeys;
+
+    float sc[kKeys / 8][4], dp[kKeys / 8][4];
+    zero(sc);
+    zero(dp);
+    mma_abt<T, D, kKeys>(sc, qs, warp * 16, kt);
+    mma_abt<T, D, kKeys>(dp, dos, warp * 16, vt);
+    const bool masked = tile_masked(p, s, qt.m0, n0, kKeys);
+    const int diag = causal_diag(qt.m0, n0, off);
+    const uint32_t kept = p.dropout ? keep_bits_q(p, row0, row0 + 8, n0) : ~0u;
+#pragma unroll
+    for (int nb = 0; nb < kKeys / 8; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1, jj = nb * 8 + 2 * t + (e & 1);
+        float x = sc[nb][e] * c - ls[r];
+        if (masked) {
+          x += bt[jj];
+          if (p.causal && jj - (warp * 16 + g + 8 * r) > diag) x = -INFINITY;
+        }
+        const float keep = (kept >> (nb * 4 + e)) & 1u ? p.keep_scale : 0.f;
+        sc[nb][e] = exp2f(x) * (dp[nb][e] * keep - dl[r]);  // dS
+      }
+    }
+    uint32_t dsf[kKeys / 16][4];
+    acc_to_a<T, kKeys>(dsf, sc);
+    mma_ab<T, D, kKeys, D, true>(dqa, dsf, kt, 0);
+    __syncthreads();
   }
+  cp_async_wait<0>();
+  __syncthreads();
+  acc_to_tile<T, D>(qs, warp * 16, dqa, p.scale, p.scale);
+  __syncthreads();
+  store_tile<T, D, kRows>(qs, dq + at(sdq, qt.b, s.q0, qt.h), sdq.s, qt.m0, s.len_q);
 }
 
 Strides3 strides3(const std::vector<int64_t>& st, size_t at) { return {st[at], st[at + 1], st[at + 2]}; }
@@ -384,8 +651,16 @@ Params make_params(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintpt
                    const std::vector<int64_t>& dims, const std::vector<int64_t>& st, bool causal, double scale,
                    uint64_t seed, double p, uint32_t thresh24) {
   if (dims.size() != 8 || st.size() < 13) throw std::invalid_argument("fastformer._C.attention: bad dims/strides");
-  if (dims[5] <= 0 || dims[5] > 32 * kPerLane) throw std::invalid_argument("fastformer._C.attention: head dim > 256");
+  if (dims[5] != 64 && dims[5] != 128) {
+    throw std::invalid_argument("fastformer._C.attention: head dim must be 64 or 128, got " + std::to_string(dims[5]));
+  }
   if (dims[2] <= 0 || dims[1] % dims[2] != 0) throw std::invalid_argument("fastformer._C.attention: bad kv heads");
+  for (size_t i = 0; i < 9; ++i) {
+    if (st[i] % 8 != 0) throw std::invalid_argument("fastformer._C.attention: q/k/v strides must be multiples of 8");
+  }
+  for (uintptr_t ptr : {q, k, v}) {
+    if (ptr % 16 != 0) throw std::invalid_argument("fastformer._C.attention: q/k/v must be 16-byte aligned");
+  }
   Params prm{};
   prm.q = reinterpret_cast<const void*>(q);
   prm.k = reinterpret_cast<const void*>(k);
@@ -419,9 +694,28 @@ Params make_params(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintpt
 
 int64_t cdiv64(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-void check_grid(int64_t blocks) {
+unsigned grid_of(int64_t blocks) {
   if (blocks > 0x7fffffffLL) throw std::invalid_argument("fastformer._C.attention: problem too large for one grid");
+  return static_cast<unsigned>(blocks);
 }
+
+// Runs the statement list with T the 16-bit type of `dtype` and D the head dimension (64 or 128): four
+// instantiations per kernel; causal, masks, varlen, GQA and dropout are runtime flags.
+#define FF_DISPATCH_ATTENTION(dtype, dim, ...)                                                              \
+  do {                                                                                                      \
+    auto run_ = [&](auto t_, auto d_) {                                                                     \
+      using T = decltype(t_);                                                                               \
+      constexpr int D = decltype(d_)::value;                                                                \
+      __VA_ARGS__;                                                                                          \
+    };                                                                                                      \
+    auto dims_ = [&](auto t_) {                                                                             \
+      if ((dim) == 64) run_(t_, std::integral_constant<int, 64>{});                                         \
+      else run_(t_, std::integral_constant<int, 128>{});                                                    \
+    };                                                                                                      \
+    if ((dtype) == kF16) dims_(__half{});                                                                   \
+    else if ((dtype) == kBF16) dims_(__nv_bfloat16{});                                                      \
+    else throw std::invalid_argument("fastformer._C.attention: dtype must be float16 or bfloat16");         \
+  } while (0)
 
 }  // namespace
 
@@ -429,18 +723,15 @@ void attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr
                    uintptr_t cu_q, uintptr_t cu_k, const std::vector<int64_t>& dims,
                    const std::vector<int64_t>& strides, bool causal, double scale, uint64_t seed, double p,
                    uint32_t thresh24, int dtype, uintptr_t stream) {
+  if (strides.size() != 16) throw std::invalid_argument("fastformer._C.attention_fwd: expected 16 strides");
   const Params prm = make_params(q, k, v, mask, cu_q, cu_k, dims, strides, causal, scale, seed, p, thresh24);
   if (prm.batch == 0 || prm.seq_q == 0) return;
-  if (strides.size() != 16) throw std::invalid_argument("fastformer._C.attention_fwd: expected 16 strides");
   const Strides3 so = strides3(strides, 13);
-  const int64_t blocks = cdiv64(prm.seq_q, kRowsPerBlock) * prm.batch * prm.heads;
-  check_grid(blocks);
-  const size_t smem = 2 * kKeysPerTile * prm.dim * sizeof(float);
+  const unsigned grid = grid_of(cdiv64(prm.seq_q, kRows) * prm.batch * prm.heads);
   auto st = reinterpret_cast<cudaStream_t>(stream);
-  FF_DISPATCH_FLOAT(dtype, T, {
-    attn_fwd_kernel<T><<<static_cast<unsigned>(blocks), kThreads, smem, st>>>(prm, reinterpret_cast<T*>(out), so,
-                                                                                reinterpret_cast<float*>(lse));
-    FF_LAUNCH_CHECK();
+  FF_DISPATCH_ATTENTION(dtype, prm.dim, {
+    launch(attn_fwd_kernel<T, D>, grid, kThreads, fwd_smem<D>(sizeof(T)), st, prm, reinterpret_cast<T*>(out), so,
+           reinterpret_cast<float*>(lse));
   });
 }
 
@@ -453,28 +744,26 @@ void attention_bwd(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintpt
   if (prm.batch == 0 || prm.seq_q == 0 || prm.seq_k == 0) return;
   const Strides3 sdo = strides3(strides, 13), so = strides3(strides, 16), sdq = strides3(strides, 19);
   const Strides3 sdk = strides3(strides, 22), sdv = strides3(strides, 25);
+  for (int i = 13; i < 28; ++i) {
+    if (strides[i] % 8 != 0) throw std::invalid_argument("fastformer._C.attention_bwd: strides must be multiples of 8");
+  }
+  for (uintptr_t ptr : {dout, dq, dk, dv}) {
+    if (ptr % 16 != 0) throw std::invalid_argument("fastformer._C.attention_bwd: dout/dq/dk/dv must be 16-byte aligned");
+  }
   auto st = reinterpret_cast<cudaStream_t>(stream);
   auto* lse_p = reinterpret_cast<const float*>(lse);
   auto* delta_p = reinterpret_cast<float*>(delta);
-  const int64_t b_delta = cdiv64(prm.seq_q, kWarps) * prm.batch * prm.heads;
-  const int64_t b_kv = cdiv64(prm.seq_k, kKeysPerBlock) * prm.batch * prm.kv_heads;
-  const int64_t b_q = cdiv64(prm.seq_q, kRowsPerBlock) * prm.batch * prm.heads;
-  check_grid(b_delta);
-  check_grid(b_kv);
-  check_grid(b_q);
-  const size_t smem = 2 * kKeysPerTile * prm.dim * sizeof(float);
-  static_assert(kKeysPerTile == kQueryTile, "the dK/dV and dQ kernels share one shared-memory size");
-  FF_DISPATCH_FLOAT(dtype, T, {
+  const unsigned g_delta = grid_of(cdiv64(prm.seq_q, kWarps) * prm.batch * prm.heads);
+  const unsigned g_kv = grid_of(cdiv64(prm.seq_k, kRows) * prm.batch * prm.kv_heads);
+  const unsigned g_q = grid_of(cdiv64(prm.seq_q, kRows) * prm.batch * prm.heads);
+  FF_DISPATCH_ATTENTION(dtype, prm.dim, {
     const T* dout_p = reinterpret_cast<const T*>(dout);
-    attn_bwd_delta_kernel<T><<<static_cast<unsigned>(b_delta), kThreads, 0, st>>>(
-        prm, reinterpret_cast<const T*>(out), so, dout_p, sdo, delta_p);
-    FF_LAUNCH_CHECK();
-    attn_bwd_dkdv_kernel<T><<<static_cast<unsigned>(b_kv), kThreads, smem, st>>>(
-        prm, dout_p, sdo, lse_p, delta_p, reinterpret_cast<T*>(dk), sdk, reinterpret_cast<T*>(dv), sdv);
-    FF_LAUNCH_CHECK();
-    attn_bwd_dq_kernel<T><<<static_cast<unsigned>(b_q), kThreads, smem, st>>>(prm, dout_p, sdo, lse_p, delta_p,
-                                                                               reinterpret_cast<T*>(dq), sdq);
-    FF_LAUNCH_CHECK();
+    launch(attn_bwd_delta_kernel<T, D>, g_delta, kThreads, 0, st, prm, reinterpret_cast<const T*>(out), so, dout_p,
+           sdo, delta_p);
+    launch(attn_bwd_dkdv_kernel<T, D>, g_kv, kThreads, dkdv_smem<D>(sizeof(T)), st, prm, dout_p, sdo, lse_p,
+           delta_p, reinterpret_cast<T*>(dk), sdk, reinterpret_cast<T*>(dv), sdv);
+    launch(attn_bwd_dq_kernel<T, D>, g_q, kThreads, dq_smem<D>(sizeof(T)), st, prm, dout_p, sdo, lse_p, delta_p,
+           reinterpret_cast<T*>(dq), sdq);
   });
 }
 

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace fastformer {
 
@@ -78,5 +79,34 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   v = lane < nwarps ? scratch[lane] : 0.f;
   return warp_sum(v);
 }
+
+#ifndef FF_HOST_EMULATION  // the host emulation (tests/emulation/cuda_host.h) supplies its own
+
+// x, hidden from the optimiser: an epilogue that recomputes a value the prologue also computed would otherwise get
+// the prologue's copy kept alive (in a register, or spilled) across the whole main loop.
+__device__ __forceinline__ int64_t opaque(int64_t x) {
+  asm volatile("" : "+l"(x));
+  return x;
+}
+
+// The block's dynamic shared memory, 16-byte aligned.
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+  extern __shared__ __align__(16) unsigned char ff_dynamic_smem[];
+  return ff_dynamic_smem;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), raising on a launch error; opts in to more than 48 KiB of dynamic
+// shared memory when asked (the attribute is per kernel and cheap to set again).
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), unsigned grid, unsigned block, size_t smem, cudaStream_t stream,
+            Args&&... args) {
+  if (smem > 48 * 1024) {
+    FF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
+  kernel<<<grid, block, smem, stream>>>(static_cast<Params>(args)...);
+  FF_LAUNCH_CHECK();
+}
+
+#endif  // FF_HOST_EMULATION
 
 }  // namespace fastformer

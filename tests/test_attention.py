@@ -917,11 +917,11 @@ def test_gpu_deterministic():
 def test_gpu_cuda_backend_matches_triton(causal, masked, hkv, dtype):
     if "cuda" not in fastformer.available_backends():
         pytest.fail("the cuda backend is not available on this GPU machine (fastformer._C not built?)")
-    b, s, h, d = 2, 333, 4, 80
+    b, s, h, d = 2, 333, 4, 128
     q, k, v = _rand(b, s, h, d, dtype=dtype), _rand(b, s, hkv, d, dtype=dtype), _rand(b, s, hkv, d, dtype=dtype)
     m = _padding_mask("full_row", b, s) if masked else None
     res = {}
-    for be in ("cuda", "triton"):
+    for be in ("cuda", "triton"):  # the same seed, hence the same Philox dropout masks
         torch.manual_seed(11)
         out = fastformer.attention(q, k, v, causal=causal, key_padding_mask=m, dropout_p=0.1, backend=be)
         res[be] = (out, *_grads(out, (q, k, v), torch.ones_like(out)))
@@ -936,17 +936,37 @@ def test_gpu_cuda_backend_matches_triton(causal, masked, hkv, dtype):
 
 
 @gpu
+@pytest.mark.parametrize("d,dtype", [(64, torch.float16), (128, torch.bfloat16), (128, torch.float16)])
+@pytest.mark.parametrize("sq,sk", [(1, 129), (17, 17), (97, 129), (129, 97)])
 @pytest.mark.parametrize("causal,masked", [(True, False), (False, True)])
-def test_gpu_cuda_backend_vs_reference(causal, masked):
+def test_gpu_cuda_backend_vs_reference(causal, masked, sq, sk, d, dtype):
     if "cuda" not in fastformer.available_backends():
         pytest.fail("the cuda backend is not available on this GPU machine (fastformer._C not built?)")
-    q, k, v = (
-        _rand(2, 97, 4, 40, dtype=torch.float16),
-        _rand(2, 129, 2, 40, dtype=torch.float16),
-        _rand(2, 129, 2, 40, dtype=torch.float16),
-    )
-    m = _padding_mask("full_row", 2, 129) if masked else None
+    q, k, v = _rand(2, sq, 4, d, dtype=dtype), _rand(2, sk, 2, d, dtype=dtype), _rand(2, sk, 2, d, dtype=dtype)
+    m = _padding_mask("full_row", 2, sk) if masked else None
     _check(q, k, v, causal=causal, key_padding_mask=m, backend="cuda")
+
+
+@gpu
+def test_gpu_cuda_backend_varlen_deterministic_and_refusals():
+    """Varlen against the reference, bitwise-repeatable gradients, and head dims / dtypes the CUDA kernels do not
+    take refused by name when cuda is asked for."""
+    if "cuda" not in fastformer.available_backends():
+        pytest.fail("the cuda backend is not available on this GPU machine (fastformer._C not built?)")
+    q, k, v, cu_q, cu_k = _varlen_case([100, 3, 250], [90, 7, 250], 4, 2, 128, torch.bfloat16)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = fastformer.attention_varlen(q, k, v, cu_q, cu_k, 250, 250, causal=True, backend="cuda")
+    ref = fastformer.attention_varlen(q, k, v, cu_q, cu_k, 250, 250, causal=True, backend="torch")
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    dout = torch.randn_like(out)
+    first = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+    for _ in range(5):
+        again = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+        assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    for d, dtype in ((80, torch.float16), (64, torch.float32)):
+        x = _rand(1, 8, 2, d, dtype=dtype)
+        with pytest.raises(fastformer.BackendError, match="CUDA attention kernels"):
+            fastformer.attention(x, x, x, backend="cuda")
 
 
 @gpu

@@ -1,4 +1,5 @@
-"""The machine code (SASS) of the CUDA LayerNorm kernels: rows move in 16-byte accesses, nothing spills (issue 13).
+"""The machine code (SASS) of the CUDA kernels: the LayerNorm moves rows in 16-byte accesses, the attention runs
+on the tensor cores, nothing spills (issue 13).
 
 Runs on the CPU, in CI: builds fastformer._C with fastformer._build (into the per-user cache that `make test` fills,
 so usually without compiling) and disassembles its LayerNorm cubins with cuobjdump: the CUDA toolkit's next to
@@ -14,6 +15,10 @@ For every LayerNorm kernel of each built arch among sm_80 and sm_90:
   per-row fp32 statistics: a forward kernel loads nothing 32-bit and stores at most 4 (mean and rstd, allowing the
   compiler to duplicate them), a backward kernel stores nothing 32-bit and loads at most 4 (mean and rstd);
 - forward and backward each have a main-path kernel for float, half and bfloat16.
+
+For the attention kernels of each arch: the forward, dK/dV and dQ kernels of every (dtype, head dim) instantiation
+(fp16 and bf16, 64 and 128) have HMMA (mma.sync), fill shared memory with LDGSTS (cp.async) and read it with LDSM
+(ldmatrix); no attention kernel uses local memory (stack frame, spills, LDL/STL).
 
 The registers of every kernel are printed (pytest -s) and are part of any failure message. The helpers take any
 binary (an extension, an object file, a cubin), so a candidate kernel can be checked without installing it.
@@ -98,3 +103,37 @@ def test_inspect_cuda_prints_each_kernel(built, capsys):
     for arch in set(ARCHS) & have:
         for kernel in ("layer_norm_fwd_rows_kernel<half, Vec16>", "layer_norm_bwd_rows_kernel<float, Vec16>"):
             assert re.search(rf"^{arch}\s+{re.escape(kernel)}\s+\d+\s+0\s+\d+\s+none\s+LDG .*128b", out, re.M), out
+
+
+ATTENTION_KERNELS = ("attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel")
+
+
+def attention_problems(found: list[Kernel]) -> list[str]:
+    """What is wrong with the attention kernels of one arch (see the module docstring); empty when all is well."""
+    out = spills(found)
+    by_name = {(k.parts[0], k.parts[1], k.parts[2]): k for k in found if k.parts}
+    for name in ATTENTION_KERNELS:
+        for dtype in ("half", "bfloat16"):
+            for d in ("D64", "D128"):
+                k = by_name.get((name, dtype, d))
+                if k is None:
+                    out.append(f"{name}<{dtype}, {d}> missing")
+                    continue
+                if not k.mma["HMMA"]:
+                    out.append(f"{k.name}: no HMMA (mma.sync): not on the tensor cores")
+                for op in ("LDGSTS", "LDSM"):
+                    if not k.tiles[op]:
+                        out.append(f"{k.name}: no {op}")
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_attention_kernels_use_tensor_cores_without_spills(built, arch):
+    binary, tool, have = built
+    if arch not in have:
+        pytest.skip(f"{binary.name} has no {arch} code (FASTFORMER_CUDA_ARCHS={';'.join(_build.archs())})")
+    found = kernels(binary, arch, tool, only="attention")
+    report = table(arch, found)
+    print("\n" + report)
+    wrong = attention_problems(found)
+    assert not wrong, "\n".join(wrong) + "\n\n" + report

@@ -20,13 +20,14 @@ from fastformer import _build
 
 DTYPES = {"f": "float", "6__half": "half", "13__nv_bfloat16": "bfloat16"}
 
-# after a kernel template's mangled name: its dtype and (LayerNorm) its access tag
-_TEMPLATE = re.compile(r"_kernelI(f|6__half|13__nv_bfloat16)(NS0_5Vec16|NS0_7Scalar4)?")
+# after a kernel template's mangled name: its dtype and (LayerNorm) its access tag or (attention) its head dim
+_TEMPLATE = re.compile(r"_kernelI(f|6__half|13__nv_bfloat16)(NS0_5Vec16|NS0_7Scalar4)?(?:Li(\d+)E)?")
 # a global load or store: the opcode and its modifiers (LDGSTS, LDGDEPBAR are other instructions)
 _GLOBAL = re.compile(r"(?<![\w.])(LDG|STG)((?:\.[A-Z0-9_]+)*)(?=\s)")
 _LOCAL = re.compile(r"(?<![\w.])(?:LDL|STL)(?:\.[A-Z0-9_]+)*(?=\s)")
 _ATOMIC = re.compile(r"(?<![\w.])(?:ATOMG|RED|ATOM)(?:\.[A-Z0-9_]+)*(?=\s)")
 _MMA = re.compile(r"(?<![\w.])(HMMA|HGMMA)(?=[.\s])")  # tensor-core matmuls: mma.sync (sm_80+), wgmma (sm_90a)
+_ASYNC = re.compile(r"(?<![\w.])(LDGSTS|LDSM)(?=[.\s])")  # cp.async global -> shared, ldmatrix
 _INSTR = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", re.M)
 
 
@@ -43,10 +44,12 @@ class Kernel:
     local_ops: int = 0
     atomics: int = 0
     mma: collections.Counter = field(default_factory=collections.Counter)  # "HMMA" | "HGMMA" -> count
+    tiles: collections.Counter = field(default_factory=collections.Counter)  # "LDGSTS" | "LDSM" -> count
 
     @property
     def parts(self) -> tuple[str, str, str] | None:
-        """(kernel, dtype, access tag: 'Vec16', 'Scalar4' or '') from the mangled name, None if it does not parse."""
+        """(kernel, dtype, tag) from the mangled name, None if it does not parse; the tag is LayerNorm's access path
+        ('Vec16', 'Scalar4'), attention's head dim ('D64', 'D128') or ''."""
         m = _TEMPLATE.search(self.mangled)
         if m is None:
             return None
@@ -55,7 +58,8 @@ class Kernel:
         # innermost name first; a hash may run into the prefix's digits
         for d in reversed(list(re.finditer(r"\d+", self.mangled[: m.start()]))):
             if d.group().endswith(str(end - d.end())):
-                return self.mangled[d.end() : end], DTYPES[m.group(1)], (m.group(2) or "")[5:]
+                tag = (m.group(2) or "")[5:] or (f"D{m.group(3)}" if m.group(3) else "")
+                return self.mangled[d.end() : end], DTYPES[m.group(1)], tag
         return None
 
     @property
@@ -150,6 +154,8 @@ def kernels(binary: Path, arch: str, tool: str, only: str = "") -> list[Kernel]:
             k.atomics += bool(_ATOMIC.search(ins))
             if m := _MMA.search(ins):
                 k.mma[m.group(1)] += 1
+            if m := _ASYNC.search(ins):
+                k.tiles[m.group(1)] += 1
         kernels.append(k)
     return kernels
 

@@ -12,6 +12,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from fastformer import backends, utils
 from fastformer.ops import _custom, dropout
+from fastformer.ops.attention import cuda_impl
 from fastformer.ops.attention.op import AttentionArgs, attention_fwd, run_fwd
 
 
@@ -52,6 +53,8 @@ def _why_not(backend: str, scale: float, q: torch.Tensor) -> str | None:
     why = fused_head_dim_reason(q.shape[-1])
     if why is not None:
         return why
+    if backend == "cuda":
+        return cuda_impl.reason(q)
     if backend == "triton":
         if q.dtype == torch.bfloat16 and q.device.type == "cpu":
             return "the Triton interpreter computes bfloat16 wrongly (test bfloat16 on a GPU)"

@@ -1,6 +1,9 @@
-"""Attention on the CUDA C++ kernels of csrc/attention.cu (fastformer._C): a simple reference, not the fast path."""
+"""Attention on the CUDA C++ tensor-core kernels of csrc/attention.cu (fastformer._C): fp16/bf16, head dims 64 and
+128, sm_80 and later (``api._why_not`` refuses anything else with the reason)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import Tensor
@@ -8,6 +11,29 @@ from torch import Tensor
 from fastformer import _ext, utils
 from fastformer.ops import dropout
 from fastformer.ops.attention.op import AttentionArgs, lastdim
+
+HEAD_DIMS = (64, 128)
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+def reason(q: Tensor) -> str | None:
+    """Why the CUDA kernels cannot take q (and k, v like it), or None."""
+    if q.dtype not in DTYPES:
+        return f"the CUDA attention kernels take float16 or bfloat16, got {q.dtype}"
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"the CUDA attention kernels take head dimension 64 or 128, got {q.shape[-1]} (Triton takes it)"
+    if q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 0):
+        return "the CUDA attention kernels need compute capability 8.0 or newer (mma.sync m16n8k16, cp.async)"
+    return None
+
+
+def aligned(t: Tensor) -> Tensor:
+    """``t``, or a contiguous copy when the kernels' 16-byte copies cannot read it in place: a base address that is
+    not 16-byte aligned or a stride (of a dimension longer than 1, head dimension excepted) not a multiple of 8."""
+    t = lastdim(t)
+    if t.data_ptr() % 16 == 0 and all(s % 8 == 0 for n, s in zip(t.shape[:-1], t.stride()[:-1]) if n > 1):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _ptrs(*tensors: Tensor | None) -> list[int]:
@@ -31,8 +57,12 @@ def _tail(a: AttentionArgs, inputs: tuple, more_strides: list[int]) -> tuple:
     return *_ptrs(*inputs), dims, strides, *flags, utils.DTYPE_CODE[a.q.dtype], utils.stream_handle(a.q.device)
 
 
+def _prepared(a: AttentionArgs) -> AttentionArgs:
+    return dataclasses.replace(a, q=aligned(a.q), k=aligned(a.k), v=aligned(a.v))
+
+
 def fwd(a: AttentionArgs) -> tuple[Tensor, Tensor]:
-    a = a.lastdim()
+    a = _prepared(a)
     out = torch.zeros(a.q.shape, dtype=a.q.dtype, device=a.q.device)
     lse = a.lse_empty().fill_(float("inf"))  # rows outside every sequence (varlen) stay empty
     if a.no_rows:
@@ -43,7 +73,7 @@ def fwd(a: AttentionArgs) -> tuple[Tensor, Tensor]:
 
 
 def bwd(a: AttentionArgs, dout: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    a, out, dout = a.lastdim(), lastdim(out), lastdim(dout)
+    a, out, dout = _prepared(a), aligned(out), aligned(dout)
     dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (a.q, a.k, a.v))
     if a.no_pairs:
         return dq, dk, dv

@@ -1,0 +1,47 @@
+// C entry points of the emulated kernels for ctypes (tests/test_cuda_emulated.py): the launchers of csrc/ops.h with
+// the vectors as (pointer, length) pairs and any exception as a message in `err` (empty on success).
+#include <cstring>
+#include <exception>
+#include <vector>
+
+#include "ops.h"
+
+namespace {
+
+std::vector<int64_t> vec(const int64_t* p, int n) { return std::vector<int64_t>(p, p + n); }
+
+template <class F>
+void guarded(char* err, F&& f) {
+  try {
+    f();
+    err[0] = 0;
+  } catch (const std::exception& e) {
+    std::strncpy(err, e.what(), 511);
+    err[511] = 0;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+void emu_attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t mask,
+                       uintptr_t cu_q, uintptr_t cu_k, const int64_t* dims, int n_dims, const int64_t* strides,
+                       int n_strides, int causal, double scale, uint64_t seed, double p, uint32_t thresh24, int dtype,
+                       char* err) {
+  guarded(err, [&] {
+    fastformer::attention_fwd(q, k, v, out, lse, mask, cu_q, cu_k, vec(dims, n_dims), vec(strides, n_strides),
+                              causal != 0, scale, seed, p, thresh24, dtype, 0);
+  });
+}
+
+void emu_attention_bwd(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
+                       uintptr_t delta, uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t mask, uintptr_t cu_q,
+                       uintptr_t cu_k, const int64_t* dims, int n_dims, const int64_t* strides, int n_strides,
+                       int causal, double scale, uint64_t seed, double p, uint32_t thresh24, int dtype, char* err) {
+  guarded(err, [&] {
+    fastformer::attention_bwd(dout, q, k, v, out, lse, delta, dq, dk, dv, mask, cu_q, cu_k, vec(dims, n_dims),
+                              vec(strides, n_strides), causal != 0, scale, seed, p, thresh24, dtype, 0);
+  });
+}
+}

@@ -1,0 +1,300 @@
+// Host emulation of the CUDA features csrc/attention.cu uses, so that its kernels run on the CPU in CI: compiled with
+// g++ -include this-file, the kernels become plain C++ and every thread of a block a cooperative context (ucontext).
+//
+// - Blocks run one after another; the threads of a block run until each reaches a synchronisation point or
+//   returns. A __syncthreads completes when every thread of the block waits there (a thread that returned while
+//   others wait at one throws); a warp collective (shuffle, ldmatrix, mma, all with the full mask) completes when
+//   all 32 lanes of the warp wait at one (a lane that returned or waits at a barrier instead throws). Nothing left to
+//   release while threads still wait is a deadlock and throws.
+// - mma.m16n8k16, ldmatrix (.x4, .trans) and the pack to 16 bits follow the fragment layouts of the PTX ISA
+//   (csrc/mma.cuh states them). Products are exact and sums are fp32, as on the tensor cores up to summation order.
+// - cp.async copies are queued per thread and done only when a cp.async.wait_group lets them complete, so a read of
+//   a tile before its wait sees stale data. Dynamic shared memory starts each block filled with 0xff bytes (NaN as
+//   half, bfloat16 and float), so a read of shared memory nobody wrote poisons the result.
+// - Addresses are checked: ldmatrix rows and cp.async destinations in the block's shared memory, 16-byte aligned.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <ucontext.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#define FF_HOST_EMULATION 1
+#undef __global__
+#undef __device__
+#undef __host__
+#undef __forceinline__
+#undef __shared__
+#undef __launch_bounds__
+#undef __align__
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+
+namespace emu {
+
+constexpr int kMaxThreads = 1024;
+constexpr size_t kStack = 256 * 1024;
+constexpr size_t kSmem = 232448;  // the most dynamic shared memory a block may have (sm_90)
+
+enum Sync : int { kBarrier = 1, kWarp = 2 };
+
+struct Copy {
+  void* dst;
+  const void* src;
+  bool full;
+};
+
+struct State {
+  uint3 tid[kMaxThreads];
+  uint3 bid;
+  dim3 bdim, gdim;
+  int cur = 0;
+  unsigned long gen = 0;
+  uint64_t slots[2][kMaxThreads][8];  // what each thread hands to a collective, by generation parity
+  ucontext_t sched, ctx[kMaxThreads];
+  bool done[kMaxThreads], waiting[kMaxThreads];
+  int kind[kMaxThreads];
+  std::vector<std::vector<std::vector<Copy>>> groups;  // per thread: committed groups, oldest first
+  std::vector<std::vector<Copy>> open;                 // per thread: copies not yet committed
+  std::vector<char> stacks;
+  alignas(16) unsigned char smem[kSmem];
+  size_t smem_size = 0;
+  std::function<void()>* body = nullptr;
+  unsigned long syncs = 0;
+};
+
+inline State& st() {
+  static State* s = new State();
+  return *s;
+}
+
+inline void rendezvous(int kind) {
+  State& s = st();
+  s.kind[s.cur] = kind;
+  s.waiting[s.cur] = true;
+  swapcontext(&s.ctx[s.cur], &s.sched);
+}
+
+// Hand `n` words to a warp collective; returns the slots of this generation for reading every lane's words.
+inline uint64_t (*exchange(const uint64_t* words, int n))[8] {
+  State& s = st();
+  std::memcpy(s.slots[s.gen & 1][s.cur], words, n * sizeof(uint64_t));
+  rendezvous(kWarp);
+  return s.slots[(s.gen - 1) & 1];
+}
+
+inline void entry() {
+  State& s = st();
+  (*s.body)();
+  s.done[s.cur] = true;
+  swapcontext(&s.ctx[s.cur], &s.sched);
+}
+
+inline void check_smem(const void* p, size_t bytes, const char* what) {
+  State& s = st();
+  const auto* c = static_cast<const unsigned char*>(p);
+  if (c < s.smem || c + bytes > s.smem + s.smem_size) throw std::runtime_error(std::string(what) + ": outside shared memory");
+  if (reinterpret_cast<uintptr_t>(p) % 16) throw std::runtime_error(std::string(what) + ": not 16-byte aligned");
+}
+
+template <class F>
+void run(unsigned grid, unsigned block, size_t smem, F fn) {
+  State& s = st();
+  if (block > kMaxThreads || block % 32) throw std::runtime_error("bad block size");
+  if (smem > kSmem) throw std::runtime_error("dynamic shared memory over the sm_90 limit: " + std::to_string(smem));
+  std::function<void()> f = fn;
+  s.body = &f;
+  if (s.stacks.empty()) s.stacks.resize(kStack * kMaxThreads);
+  s.gdim = dim3(grid, 1, 1);
+  s.bdim = dim3(block, 1, 1);
+  s.smem_size = smem;
+  for (unsigned b = 0; b < grid; ++b) {
+    s.bid = make_uint3(b, 0, 0);
+    std::memset(s.smem, 0xff, smem);
+    s.groups.assign(block, {});
+    s.open.assign(block, {});
+    for (unsigned t = 0; t < block; ++t) {
+      s.tid[t] = make_uint3(t, 0, 0);
+      getcontext(&s.ctx[t]);
+      s.ctx[t].uc_stack.ss_sp = s.stacks.data() + t * kStack;
+      s.ctx[t].uc_stack.ss_size = kStack;
+      s.ctx[t].uc_link = nullptr;
+      makecontext(&s.ctx[t], entry, 0);
+      s.done[t] = s.waiting[t] = false;
+    }
+    while (true) {
+      for (unsigned t = 0; t < block; ++t) {
+        if (s.done[t] || s.waiting[t]) continue;
+        s.cur = static_cast<int>(t);
+        swapcontext(&s.sched, &s.ctx[t]);
+      }
+      unsigned n_done = 0, n_bar = 0;
+      for (unsigned t = 0; t < block; ++t) {
+        n_done += s.done[t];
+        n_bar += s.waiting[t] && s.kind[t] == kBarrier;
+      }
+      if (n_done == block) break;
+      if (n_bar > 0 && n_done > 0) throw std::runtime_error("__syncthreads reached after some threads returned");
+      bool released = false;
+      if (n_bar == block) {
+        for (unsigned t = 0; t < block; ++t) s.waiting[t] = false;
+        released = true;
+      } else {
+        for (unsigned w = 0; w < block; w += 32) {
+          int at_warp = 0;
+          for (unsigned t = w; t < w + 32; ++t) at_warp += s.waiting[t] && s.kind[t] == kWarp;
+          if (at_warp == 0) continue;
+          if (at_warp != 32) throw std::runtime_error("warp collective reached by only part of a warp");
+          for (unsigned t = w; t < w + 32; ++t) s.waiting[t] = false;
+          released = true;
+        }
+      }
+      if (!released) throw std::runtime_error("deadlock: threads wait at a barrier that cannot complete");
+      ++s.gen;
+      ++s.syncs;
+    }
+    for (unsigned t = 0; t < block; ++t) {
+      if (!s.groups[t].empty() || !s.open[t].empty()) throw std::runtime_error("a thread returned with cp.async pending");
+    }
+  }
+}
+
+}  // namespace emu
+
+#define threadIdx (emu::st().tid[emu::st().cur])
+#define blockIdx (emu::st().bid)
+#define blockDim (emu::st().bdim)
+#define gridDim (emu::st().gdim)
+
+inline void __syncthreads() { emu::rendezvous(emu::kBarrier); }
+inline float __shfl_xor_sync(unsigned, float v, int o) {
+  uint64_t w = 0;
+  std::memcpy(&w, &v, 4);
+  auto slots = emu::exchange(&w, 1);
+  const int me = emu::st().cur, src = (me & ~31) | ((me & 31) ^ o);
+  float out;
+  std::memcpy(&out, &slots[src][0], 4);
+  return out;
+}
+
+namespace fastformer {
+
+inline unsigned char* dynamic_smem() { return emu::st().smem; }
+inline int64_t opaque(int64_t x) { return x; }
+
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), unsigned grid, unsigned block, size_t smem, cudaStream_t, Args&&... args) {
+  emu::run(grid, block, smem, [&] { kernel(static_cast<Params>(args)...); });
+}
+
+template <typename T>
+inline uint16_t bits16(float x) {
+  T h;
+  if constexpr (std::is_same_v<T, __half>) {
+    h = __float2half_rn(x);
+  } else {
+    h = __float2bfloat16_rn(x);
+  }
+  uint16_t b;
+  std::memcpy(&b, &h, 2);
+  return b;
+}
+
+template <typename T>
+inline float from16(uint16_t b) {
+  T h;
+  std::memcpy(&h, &b, 2);
+  if constexpr (std::is_same_v<T, __half>) {
+    return __half2float(h);
+  } else {
+    return __bfloat162float(h);
+  }
+}
+
+template <typename T>
+inline uint32_t pack2(float lo, float hi) {
+  return static_cast<uint32_t>(bits16<T>(lo)) | static_cast<uint32_t>(bits16<T>(hi)) << 16;
+}
+
+inline uint16_t half_of(uint64_t reg, int k) { return static_cast<uint16_t>(reg >> (16 * k)); }
+
+template <typename T>
+inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  const uint64_t mine[6] = {a[0], a[1], a[2], a[3], b0, b1};
+  auto slots = emu::exchange(mine, 6);
+  const int lane = emu::st().cur & 31, warp0 = emu::st().cur & ~31, g = lane >> 2, t = lane & 3;
+  auto A = [&](int r, int k) {  // element (r, k) of the 16 x 16 A: lane (r % 8) * 4 + (k % 8) / 2
+    const int reg = (r >= 8) + 2 * (k >= 8);
+    return from16<T>(half_of(slots[warp0 + (r % 8) * 4 + (k % 8) / 2][reg], k % 2));
+  };
+  auto B = [&](int k, int n) {  // element (k, n) of the 16 x 8 B: lane n * 4 + (k % 8) / 2
+    return from16<T>(half_of(slots[warp0 + n * 4 + (k % 8) / 2][4 + (k >= 8)], k % 2));
+  };
+  for (int e = 0; e < 4; ++e) {
+    const int r = g + 8 * (e >> 1), n = 2 * t + (e & 1);
+    float acc = d[e];
+    for (int k = 0; k < 16; ++k) acc += A(r, k) * B(k, n);
+    d[e] = acc;
+  }
+}
+
+inline void ldsm(uint32_t (&r)[4], const void* row, bool trans) {
+  emu::check_smem(row, 16, "ldmatrix row");
+  const uint64_t mine = reinterpret_cast<uintptr_t>(row);
+  auto slots = emu::exchange(&mine, 1);
+  const int lane = emu::st().cur & 31, warp0 = emu::st().cur & ~31;
+  for (int m = 0; m < 4; ++m) {
+    uint16_t h[2];
+    for (int u = 0; u < 2; ++u) {
+      // plain: row lane / 4 of matrix m, element 2 (lane % 4) + u; trans: row 2 (lane % 4) + u, element lane / 4
+      const int rr = trans ? 2 * (lane & 3) + u : lane >> 2, cc = trans ? lane >> 2 : 2 * (lane & 3) + u;
+      const auto* p = reinterpret_cast<const uint16_t*>(static_cast<uintptr_t>(slots[warp0 + 8 * m + rr][0]));
+      h[u] = p[cc];
+    }
+    r[m] = static_cast<uint32_t>(h[0]) | static_cast<uint32_t>(h[1]) << 16;
+  }
+}
+inline void ldsm_x4(uint32_t (&r)[4], const void* row) { ldsm(r, row, false); }
+inline void ldsm_x4_trans(uint32_t (&r)[4], const void* row) { ldsm(r, row, true); }
+
+inline void cp_async16(void* dst, const void* src, bool full) {
+  emu::check_smem(dst, 16, "cp.async destination");
+  if (reinterpret_cast<uintptr_t>(src) % 16) throw std::runtime_error("cp.async source not 16-byte aligned");
+  emu::st().open[emu::st().cur].push_back({dst, src, full});
+}
+inline void cp_async_commit() {
+  emu::State& s = emu::st();
+  s.groups[s.cur].push_back(std::move(s.open[s.cur]));
+  s.open[s.cur].clear();
+}
+template <int N>
+inline void cp_async_wait() {
+  emu::State& s = emu::st();
+  auto& g = s.groups[s.cur];
+  while (g.size() > static_cast<size_t>(N)) {
+    for (const emu::Copy& c : g.front()) {
+      if (c.full) {
+        std::memcpy(c.dst, c.src, 16);
+      } else {
+        std::memset(c.dst, 0, 16);
+      }
+    }
+    g.erase(g.begin());
+  }
+}
+
+}  // namespace fastformer
