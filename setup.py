@@ -1,6 +1,6 @@
 """Install fastformer; build the torch-free CUDA extension fastformer._C when nvcc is found.
 
-FASTFORMER_BUILD_CUDA=auto|0|1 (default auto: build if nvcc exists), FASTFORMER_CUDA_ARCHS (default "80;90").
+FASTFORMER_BUILD_CUDA=auto|0|1 (default auto: build if nvcc exists), FASTFORMER_CUDA_ARCHS (default "80;90a").
 Without a build here, fastformer builds _C on first use into a per-user cache when nvcc exists.
 """
 

@@ -106,7 +106,7 @@ def _timed_rows(provs: dict, work: float, peak: float, head: dict, tail: dict | 
 
 
 def _ours(backends: list[str]) -> dict:
-    return {
+    provs = {
         f"fastformer-{b}": (
             lambda q, k, v, causal, mask=None, _b=b: fastformer.attention(
                 q, k, v, causal=causal, key_padding_mask=mask, backend=_b
@@ -114,6 +114,27 @@ def _ours(backends: list[str]) -> dict:
         )
         for b in backends
     }
+    if "cuda" in backends and torch.cuda.get_device_capability() == (9, 0):
+        # the sm_90a forward, opt-in until measured (fastformer/ops/attention/cuda_impl.py)
+        provs["fastformer-cuda wgmma"] = _with_env(provs["fastformer-cuda"], "FASTFORMER_CUDA_WGMMA", "1")
+    return provs
+
+
+def _with_env(fn, key: str, value: str):
+    """fn with environment variable ``key`` set to ``value`` during each call."""
+
+    def run(*args, **kw):
+        saved = os.environ.get(key)
+        os.environ[key] = value
+        try:
+            return fn(*args, **kw)
+        finally:
+            if saved is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = saved
+
+    return run
 
 
 def _dense_rows(dev, dtype, args, backends: list[str]) -> list[dict]:

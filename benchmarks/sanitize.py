@@ -7,6 +7,7 @@ runs ``cuda`` only: racecheck instruments shared memory, where the CUDA kernels 
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -23,14 +24,19 @@ def _layer_norm(backend: str) -> None:
 
 
 def _attention(backend: str) -> None:
-    for d in (64, 128) if backend == "cuda" else (80,):  # the CUDA kernels take head dims 64 and 128
-        q = torch.randn(2, 97, 4, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        k = torch.randn(2, 129, 2, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        v = torch.randn_like(k, requires_grad=True)
-        mask = torch.rand(2, 129, device="cuda") > 0.3
-        mask[1] = False
-        out = fastformer.attention(q, k, v, causal=True, key_padding_mask=mask, dropout_p=0.1, backend=backend)
-        out.float().sum().backward()
+    # the CUDA kernels take head dims 64 and 128; on sm_90 their wgmma forward runs too
+    wgmma = ("0", "1") if backend == "cuda" and torch.cuda.get_device_capability() == (9, 0) else ("0",)
+    for d in (64, 128) if backend == "cuda" else (80,):
+        for flag in wgmma:
+            os.environ["FASTFORMER_CUDA_WGMMA"] = flag
+            q = torch.randn(2, 97, 4, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            k = torch.randn(2, 129, 2, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            v = torch.randn_like(k, requires_grad=True)
+            mask = torch.rand(2, 129, device="cuda") > 0.3
+            mask[1] = False
+            out = fastformer.attention(q, k, v, causal=True, key_padding_mask=mask, dropout_p=0.1, backend=backend)
+            out.float().sum().backward()
+    os.environ.pop("FASTFORMER_CUDA_WGMMA", None)
 
 
 def _ffn(backend: str) -> None:

@@ -136,15 +136,15 @@ __device__ __forceinline__ void load_tile(T* tile, const T* base, int64_t stride
 }
 
 // Write rows [r0, r0 + ROWS) of a swizzled tile to global memory in 16-byte stores, rows < limit only.
-template <typename T, int D, int ROWS>
+template <typename T, int D, int ROWS, int THREADS = kThreads>
 __device__ __forceinline__ void store_tile(const T* tile, T* base, int64_t stride, int64_t r0, int64_t limit) {
   constexpr int kChunks = D / 8;
   // 32-bit row tests from opaque values: the loads' 64-bit (r0 + r < limit) would otherwise be kept through the loop
   const int rows = static_cast<int>(imin(imax(opaque(limit) - opaque(r0), 0), ROWS));
   base += opaque(r0) * stride;
 #pragma unroll
-  for (int n = 0; n < ROWS * kChunks / kThreads; ++n) {
-    const int idx = threadIdx.x + n * kThreads, r = idx / kChunks, c = idx % kChunks;
+  for (int n = 0; n < ROWS * kChunks / THREADS; ++n) {
+    const int idx = threadIdx.x + n * THREADS, r = idx / kChunks, c = idx % kChunks;
     if (r < rows) {
       *reinterpret_cast<uint4*>(base + static_cast<uint32_t>(r) * stride + c * 8) =
           *reinterpret_cast<const uint4*>(tile + swz<D>(r, c * 8));
@@ -265,11 +265,11 @@ __device__ __forceinline__ int causal_diag(int64_t m0, int64_t n0, int64_t off) 
   return static_cast<int>(imax(-256, imin(256, m0 + off - n0)));
 }
 
-// The key tile loop's bounds for query rows [m0, m0 + kRows): keys [0, hi) of which causal tiles past the diagonal
+// The key tile loop's bounds for query rows [m0, m0 + rows): keys [0, hi) of which causal tiles past the diagonal
 // are skipped.
-__device__ __forceinline__ int64_t key_end(const Params& p, const Seq& s, int64_t m0) {
+__device__ __forceinline__ int64_t key_end(const Params& p, const Seq& s, int64_t m0, int rows) {
   int64_t hi = s.len_k;
-  if (p.causal) hi = imax(0, imin(hi, m0 + kRows + s.len_k - s.len_q));
+  if (p.causal) hi = imax(0, imin(hi, m0 + rows + s.len_k - s.len_q));
   return hi;
 }
 
@@ -278,16 +278,16 @@ __device__ __forceinline__ bool tile_masked(const Params& p, const Seq& s, int64
   return p.mask != nullptr || n0 + n > s.len_k || (p.causal && n0 + n - 1 > m0 + s.len_k - s.len_q);
 }
 
-// The forward/dQ block: kRows query rows from m0 of one (batch, head), and its kv head.
+// The forward/dQ block: `rows` query rows from m0 of one (batch, head), and its kv head.
 struct QTile {
   int64_t b, h, hk, m0;
   Seq s;
 };
 
-__device__ __forceinline__ QTile q_tile(const Params& p) {
-  const int64_t n_m = (p.seq_q + kRows - 1) / kRows;
+__device__ __forceinline__ QTile q_tile(const Params& p, int rows = kRows) {
+  const int64_t n_m = (p.seq_q + rows - 1) / rows;
   const int64_t bh = blockIdx.x / n_m, b = bh / p.heads, h = bh % p.heads;
-  return {b, h, h / (p.heads / p.kv_heads), (blockIdx.x % n_m) * kRows, seq_of(p, b)};
+  return {b, h, h / (p.heads / p.kv_heads), (blockIdx.x % n_m) * rows, seq_of(p, b)};
 }
 
 // The K and V tiles of keys [n0, n0 + N) of one kv head, and their additive mask (0 or -inf) in `bias`.
@@ -301,6 +301,84 @@ __device__ __forceinline__ void load_kv(const Params& p, int64_t b, int64_t hk, 
     const int64_t j = n0 + threadIdx.x;
     bias[threadIdx.x] = j < s.len_k && key_on(p, b, j) ? 0.f : -INFINITY;
   }
+}
+
+// One key tile of the forward's online softmax for this lane's rows g and g + 8 (C layout), shared by the mma.sync and
+// wgmma kernels. sc holds the tile's raw scores (NB tiles of 8 keys); on return it holds the probabilities times their dropout factors
+// (keep_scale or 0), m the running row maxima (log2 units), l this lane's partial normalisers (counting dropped
+// probabilities too) and o is rescaled to the new maxima. bias (0 or -inf per key, nullptr when the tile needs no
+// masking) and the causal test apply per element; row is this lane's first row within the block, row0 its lse row.
+template <int NB, int DN>
+__device__ __forceinline__ void softmax_step(const Params& p, float (&sc)[NB][4], float (&o)[DN][4], float (&m)[2],
+                                             float (&l)[2], const float* bias, int row, int diag, int64_t row0,
+                                             int64_t n0) {
+  const int t = threadIdx.x & 3;
+  const float c = p.scale * kLog2e;  // scores in log2 units
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float x = sc[nb][e] * c;
+      if (bias != nullptr) {
+        const int jj = nb * 8 + 2 * t + (e & 1);
+        x += bias[jj];
+        if (p.causal && jj - (row + 8 * (e >> 1)) > diag) x = -INFINITY;
+      }
+      sc[nb][e] = x;
+      mx[e >> 1] = fmaxf(mx[e >> 1], x);
+    }
+  }
+  float alpha[2], base[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+    const float m_new = fmaxf(m[r], mx[r]);
+    base[r] = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet: every exp2 below is 0
+    alpha[r] = exp2f(m[r] - base[r]);
+    m[r] = m_new;
+    l[r] *= alpha[r];
+  }
+#pragma unroll
+  for (int nb = 0; nb < DN; ++nb) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[nb][e] *= alpha[e >> 1];
+  }
+  const uint32_t kept = p.dropout ? keep_bits_q(p, row0, row0 + 8, n0) : ~0u;
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float pr = exp2f(sc[nb][e] - base[e >> 1]);
+      l[e >> 1] += pr;
+      sc[nb][e] = (kept >> (nb * 4 + e)) & 1u ? pr * p.keep_scale : 0.f;
+    }
+  }
+}
+
+// The forward's end: reduce l over the quad, write lse (natural log; +inf for rows that saw no key) and O / l through
+// the block's Q tile (a swizzled ROWS x D tile of shared memory, free once the key loop is done) as 16-byte stores.
+template <typename T, int D, int ROWS, int THREADS>
+__device__ __forceinline__ void fwd_epilogue(const Params& p, const QTile& qt, T* qs, const float (&o)[D / 8][4],
+                                             float (&m)[2], float (&l)[2], T* out, const Strides3& so, float* lse) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    inv[r] = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    const int64_t i = opaque(qt.m0) + warp * 16 + g + 8 * r;  // recomputed: see opaque()
+    if (t == 0 && i < qt.s.len_q) {
+      lse[lse_row(p, qt.b, qt.h, qt.s, i)] = l[r] > 0.f ? m[r] * kLn2 + logf(l[r]) : INFINITY;
+    }
+  }
+  cp_async_wait<0>();  // with no key tile, the Q copy may still be in flight into qs
+  __syncthreads();
+  acc_to_tile<T, D>(qs, warp * 16, o, inv[0], inv[1]);
+  __syncthreads();
+  store_tile<T, D, ROWS, THREADS>(qs, out + at(so, qt.b, qt.s.q0, qt.h), so.s, qt.m0, qt.s.len_q);
 }
 
 template <int D>
@@ -317,9 +395,9 @@ __global__ void __launch_bounds__(kThreads, 1) attn_fwd_kernel(Params p, T* out,
   const QTile qt = q_tile(p);
   const Seq& s = qt.s;
   if (qt.m0 >= s.len_q) return;  // uniform over the block
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2;
   const int64_t off = s.len_k - s.len_q;  // causal: query i sees keys j <= i + off
-  const int64_t hi = key_end(p, s, qt.m0);
+  const int64_t hi = key_end(p, s, qt.m0, kRows);
   const int n_tiles = static_cast<int>((hi + kKeys - 1) / kKeys);
 
   load_tile<T, D, kRows>(qs, static_cast<const T*>(p.q) + at(p.sq, qt.b, s.q0, qt.h), p.sq.s, qt.m0, s.len_q,
@@ -327,7 +405,6 @@ __global__ void __launch_bounds__(kThreads, 1) attn_fwd_kernel(Params p, T* out,
   if (n_tiles > 0) load_kv<T, D, kKeys>(p, qt.b, qt.hk, s, 0, ks, vs, bias);
   cp_async_commit();
 
-  const float c = p.scale * kLog2e;  // scores in log2 units
   const int64_t row0 = lse_row(p, qt.b, qt.h, s, qt.m0 + warp * 16 + g);  // this lane's rows: row0 and row0 + 8
   float o[D / 8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   zero(o);
@@ -355,68 +432,145 @@ __global__ void __launch_bounds__(kThreads, 1) attn_fwd_kernel(Params p, T* out,
     mma_ab<T, D, D, kKeys, false>(sc, qf, kt, 0);
 
     const bool masked = tile_masked(p, s, qt.m0, n0, kKeys);
-    const int diag = causal_diag(qt.m0, n0, off);
-    float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int nb = 0; nb < kKeys / 8; ++nb) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = sc[nb][e] * c;
-        if (masked) {
-          const int jj = nb * 8 + 2 * t + (e & 1);
-          x += bt[jj];
-          if (p.causal && jj - (warp * 16 + g + 8 * (e >> 1)) > diag) x = -INFINITY;
-        }
-        sc[nb][e] = x;
-        mx[e >> 1] = fmaxf(mx[e >> 1], x);
-      }
-    }
-    float alpha[2], base[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      const float m_new = fmaxf(m[r], mx[r]);
-      base[r] = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet: every exp2 below is 0
-      alpha[r] = exp2f(m[r] - base[r]);
-      m[r] = m_new;
-      l[r] *= alpha[r];
-    }
-#pragma unroll
-    for (int nb = 0; nb < D / 8; ++nb) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) o[nb][e] *= alpha[e >> 1];
-    }
-    const uint32_t kept = p.dropout ? keep_bits_q(p, row0, row0 + 8, n0) : ~0u;
-#pragma unroll
-    for (int nb = 0; nb < kKeys / 8; ++nb) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float pr = exp2f(sc[nb][e] - base[e >> 1]);
-        l[e >> 1] += pr;  // the normaliser counts dropped probabilities too
-        sc[nb][e] = (kept >> (nb * 4 + e)) & 1u ? pr * p.keep_scale : 0.f;
-      }
-    }
+    softmax_step(p, sc, o, m, l, masked ? bt : nullptr, warp * 16 + g, causal_diag(qt.m0, n0, off), row0, n0);
     uint32_t pf[kKeys / 16][4];
     acc_to_a<T, kKeys>(pf, sc);
     mma_ab<T, D, kKeys, D, true>(o, pf, vt, 0);
     __syncthreads();  // this stage is refilled by the next iteration
   }
 
-  float inv[2];
+  fwd_epilogue<T, D, kRows, kThreads>(p, qt, qs, o, m, l, out, so, lse);
+}
+
+// ---- sm_90a forward: wgmma --------------------------------------------------------------------------------------------
+//
+// Two warpgroups share a block of kWgRows = 128 query rows, 64 each in the M dimension of wgmma.m64nNk16. Every
+// operand is read by wgmma straight from shared memory, in the no-swizzle canonical layout of mma.cuh: a tile of R
+// rows x D columns is stored as 8 x 8 core matrices, core (row block rb, column block cb) at ((cb * R/8) + rb) * 128
+// bytes. One layout serves both operand majors: for Q (A) and K (B of S = Q K^T), K-major with the head dim as K,
+// core matrices are 128 bytes apart along M/N (SBO) and R * 16 bytes apart along K (LBO); for V (B of O = P V,
+// transposed: MN-major with the keys as K), 128 bytes apart along K (LBO) and R * 16 bytes apart along N (SBO). P
+// goes from the S accumulators into A registers without touching shared memory. K/V tiles of 64 keys stream
+// through the same two-stage cp.async ring as the sm_80 kernel, loaded by all 256 threads; cp.async writes through
+// the generic proxy, so each thread fences to the async proxy before the barrier that publishes a tile.
+// Not (yet) the FlashAttention-3 design: no TMA, no producer warpgroup, no overlap of one tile's softmax with the
+// next tile's matmuls (each wgmma group is waited for at once).
+constexpr int kWgThreads = 256;
+constexpr int kWgRows = 128;
+
+// Element offset of (row, col) in a core-matrix tile of R rows.
+template <int R>
+__device__ __forceinline__ int core_off(int row, int col) {
+  return ((col >> 3) * (R / 8) + (row >> 3)) * 64 + (row & 7) * 8 + (col & 7);
+}
+
+// Start copying rows [r0, r0 + ROWS) of one head into a core-matrix tile (see load_tile).
+template <typename T, int D, int ROWS, typename On>
+__device__ __forceinline__ void load_core_tile(T* tile, const T* base, int64_t stride, int64_t r0, int64_t limit,
+                                               On on) {
+  constexpr int kChunks = D / 8;
+  static_assert(ROWS * kChunks % kWgThreads == 0, "every thread copies the same number of chunks");
+  const int tid = static_cast<int>(opaque(threadIdx.x));
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    inv[r] = l[r] > 0.f ? 1.f / l[r] : 0.f;
-    const int64_t i = opaque(qt.m0) + warp * 16 + g + 8 * r;  // recomputed: see opaque()
-    if (t == 0 && i < s.len_q) lse[lse_row(p, qt.b, qt.h, s, i)] = l[r] > 0.f ? m[r] * kLn2 + logf(l[r]) : INFINITY;
+  for (int n = 0; n < ROWS * kChunks / kWgThreads; ++n) {
+    const int idx = tid + n * kWgThreads, r = idx / kChunks, c = idx % kChunks;
+    const int64_t row = r0 + r;
+    const bool full = row < limit && on(row);
+    cp_async16(tile + core_off<ROWS>(r, c * 8), full ? base + row * stride + c * 8 : base, full);
   }
-  cp_async_wait<0>();  // with no key tile, the Q copy may still be in flight into qs
-  __syncthreads();
-  acc_to_tile<T, D>(qs, warp * 16, o, inv[0], inv[1]);
-  __syncthreads();
-  store_tile<T, D, kRows>(qs, out + at(so, qt.b, s.q0, qt.h), so.s, qt.m0, s.len_q);
+}
+
+template <typename T, int D>
+__device__ __forceinline__ void load_kv_core(const Params& p, int64_t b, int64_t hk, const Seq& s, int64_t n0, T* ks,
+                                             T* vs, float* bias) {
+  auto on = [&](int64_t j) { return key_on(p, b, j); };
+  load_core_tile<T, D, kKeys>(ks, static_cast<const T*>(p.k) + at(p.sk, b, s.k0, hk), p.sk.s, n0, s.len_k, on);
+  load_core_tile<T, D, kKeys>(vs, static_cast<const T*>(p.v) + at(p.sv, b, s.k0, hk), p.sv.s, n0, s.len_k, on);
+  if (threadIdx.x < kKeys) {
+    const int64_t j = n0 + threadIdx.x;
+    bias[threadIdx.x] = j < s.len_k && key_on(p, b, j) ? 0.f : -INFINITY;
+  }
+}
+
+template <int D>
+constexpr size_t fwd_wgmma_smem(size_t elem) {
+  return (kWgRows + 4 * kKeys) * D * elem + 2 * kKeys * sizeof(float);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kWgThreads, 1) attn_fwd_wgmma_kernel(Params p, T* out, Strides3 so, float* lse) {
+#if defined(FF_SM90A_DEVICE) || defined(FF_HOST_EMULATION)
+  T* qs = reinterpret_cast<T*>(dynamic_smem());  // kWgRows x D, core-matrix tile (swizzled tile in the epilogue)
+  T* ks = qs + kWgRows * D;                       // 2 stages x kKeys x D, core-matrix tiles
+  T* vs = ks + 2 * kKeys * D;                     // 2 stages x kKeys x D, core-matrix tiles
+  float* bias = reinterpret_cast<float*>(vs + 2 * kKeys * D);  // 2 stages x kKeys
+  const QTile qt = q_tile(p, kWgRows);
+  const Seq& s = qt.s;
+  if (qt.m0 >= s.len_q) return;
+  const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, wg = threadIdx.x >> 7;
+  const int64_t off = s.len_k - s.len_q;
+  const int64_t hi = key_end(p, s, qt.m0, kWgRows);
+  const int n_tiles = static_cast<int>((hi + kKeys - 1) / kKeys);
+
+  load_core_tile<T, D, kWgRows>(qs, static_cast<const T*>(p.q) + at(p.sq, qt.b, s.q0, qt.h), p.sq.s, qt.m0, s.len_q,
+                                [](int64_t) { return true; });
+  if (n_tiles > 0) load_kv_core<T, D>(p, qt.b, qt.hk, s, 0, ks, vs, bias);
+  cp_async_commit();
+
+  const int64_t row0 = lse_row(p, qt.b, qt.h, s, qt.m0 + warp * 16 + g);
+  float o[D / 8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  zero(o);
+  const T* q_wg = qs + wg * 64 * 8;  // this warpgroup's 64 rows: core row blocks 8 wg .. 8 wg + 7
+  for (int it = 0; it < n_tiles; ++it) {
+    const int st = it & 1;
+    const int64_t n0 = static_cast<int64_t>(it) * kKeys;
+    if (it + 1 < n_tiles) {
+      load_kv_core<T, D>(p, qt.b, qt.hk, s, n0 + kKeys, ks + (st ^ 1) * kKeys * D, vs + (st ^ 1) * kKeys * D,
+                         bias + (st ^ 1) * kKeys);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    fence_proxy_async();  // this thread's cp.async data, visible to wgmma once the barrier has passed
+    __syncthreads();
+    const T* kt = ks + st * kKeys * D;
+    const T* vt = vs + st * kKeys * D;
+
+    float sc[kKeys / 8][4];  // S = Q K^T: 64 rows x 64 keys per warpgroup
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint64_t da = wgmma_desc(q_wg + kk * 2 * kWgRows * 8, kWgRows * 16, 128);
+      const uint64_t db = wgmma_desc(kt + kk * 2 * kKeys * 8, kKeys * 16, 128);
+      wgmma_ss_n64<T>(sc, da, db, kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_hold(sc);
+
+    const bool masked = tile_masked(p, s, qt.m0, n0, kKeys);
+    softmax_step(p, sc, o, m, l, masked ? bias + st * kKeys : nullptr, warp * 16 + g, causal_diag(qt.m0, n0, off),
+                 row0, n0);
+    uint32_t pf[kKeys / 16][4];
+    acc_to_a<T, kKeys>(pf, sc);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) {  // O += P V, 16 keys per step
+      const uint64_t db = wgmma_desc(vt + kk * 2 * 64, 128, kKeys * 16);
+      if constexpr (D == 64) {
+        wgmma_rs_n64<T>(o, pf[kk], db, true);
+      } else {
+        wgmma_rs_n128<T>(o, pf[kk], db, true);
+      }
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_hold(o);
+    __syncthreads();  // this stage is refilled by the next iteration
+  }
+  fwd_epilogue<T, D, kWgRows, kWgThreads>(p, qt, qs, o, m, l, out, so, lse);
+#else
+  __trap();  // launched only where the sm_90a code was built and the device is sm_90
+#endif
 }
 
 // delta[row] = sum_d dO * O; one warp per row, D / 32 elements per lane
@@ -576,7 +730,7 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_kernel(Params p, cons
   if (qt.m0 >= s.len_q) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int64_t off = s.len_k - s.len_q;
-  const int64_t hi = key_end(p, s, qt.m0);
+  const int64_t hi = key_end(p, s, qt.m0, kRows);
   const int n_tiles = static_cast<int>((hi + kKeys - 1) / kKeys);
   auto all = [](int64_t) { return true; };
   load_tile<T, D, kRows>(qs, static_cast<const T*>(p.q) + at(p.sq, qt.b, s.q0, qt.h), p.sq.s, qt.m0, s.len_q, all);
@@ -722,17 +876,32 @@ unsigned grid_of(int64_t blocks) {
 void attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t mask,
                    uintptr_t cu_q, uintptr_t cu_k, const std::vector<int64_t>& dims,
                    const std::vector<int64_t>& strides, bool causal, double scale, uint64_t seed, double p,
-                   uint32_t thresh24, int dtype, uintptr_t stream) {
+                   uint32_t thresh24, int dtype, bool wgmma, uintptr_t stream) {
   if (strides.size() != 16) throw std::invalid_argument("fastformer._C.attention_fwd: expected 16 strides");
+  if (wgmma && !has_sm90a()) throw std::invalid_argument("fastformer._C.attention_fwd: built without sm_90a code");
   const Params prm = make_params(q, k, v, mask, cu_q, cu_k, dims, strides, causal, scale, seed, p, thresh24);
   if (prm.batch == 0 || prm.seq_q == 0) return;
   const Strides3 so = strides3(strides, 13);
-  const unsigned grid = grid_of(cdiv64(prm.seq_q, kRows) * prm.batch * prm.heads);
+  const int rows = wgmma ? kWgRows : kRows;
+  const unsigned grid = grid_of(cdiv64(prm.seq_q, rows) * prm.batch * prm.heads);
   auto st = reinterpret_cast<cudaStream_t>(stream);
   FF_DISPATCH_ATTENTION(dtype, prm.dim, {
-    launch(attn_fwd_kernel<T, D>, grid, kThreads, fwd_smem<D>(sizeof(T)), st, prm, reinterpret_cast<T*>(out), so,
-           reinterpret_cast<float*>(lse));
+    auto* o = reinterpret_cast<T*>(out);
+    auto* l = reinterpret_cast<float*>(lse);
+    if (wgmma) {
+      launch(attn_fwd_wgmma_kernel<T, D>, grid, kWgThreads, fwd_wgmma_smem<D>(sizeof(T)), st, prm, o, so, l);
+    } else {
+      launch(attn_fwd_kernel<T, D>, grid, kThreads, fwd_smem<D>(sizeof(T)), st, prm, o, so, l);
+    }
   });
+}
+
+bool has_sm90a() {
+#if defined(FF_HAVE_SM90A) || defined(FF_HOST_EMULATION)
+  return true;
+#else
+  return false;
+#endif
 }
 
 void attention_bwd(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,

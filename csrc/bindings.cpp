@@ -43,5 +43,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("ffn_bias_act_fwd", &ff::ffn_bias_act_fwd, "y = dropout(act(z + bias)) around a cuBLAS GEMM");
   m.def("ffn_act_bwd", &ff::ffn_act_bwd, "g *= act'(pre) * dropout mask in place, optionally h = dropout(act(pre))");
   m.def("attention_fwd", &ff::attention_fwd, "fused attention forward: out and fp32 logsumexp");
+  m.def("has_sm90a", &ff::has_sm90a, "whether the build holds the sm_90a (wgmma) kernels");
   m.def("attention_bwd", &ff::attention_bwd, "fused attention backward: delta, dK/dV, dQ");
 }

@@ -30,10 +30,13 @@ void ffn_act_bwd(uintptr_t g, uintptr_t pre, uintptr_t h, int64_t rows, int64_t 
 // dims = [B, H, Hkv, Sq, Sk, D, drop_stride, varlen] (Sq/Sk are maxima when varlen); strides = (b, s, h) triples of
 // q, k, v, then lse (b, h), mask (b, k), then out (forward) or do, out, dq, dk, dv (backward).
 // mask: uint8 (B, Sk) or 0; cu_q/cu_k: int32 (B + 1) or 0.
+// wgmma: run the sm_90a forward (an sm_90 device and a build with sm_90a code, else std::invalid_argument).
 void attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t mask,
                    uintptr_t cu_q, uintptr_t cu_k, const std::vector<int64_t>& dims,
                    const std::vector<int64_t>& strides, bool causal, double scale, uint64_t seed, double p,
-                   uint32_t thresh24, int dtype, uintptr_t stream);
+                   uint32_t thresh24, int dtype, bool wgmma, uintptr_t stream);
+// whether the build holds the sm_90a kernels (FASTFORMER_CUDA_ARCHS with 90a)
+bool has_sm90a();
 void attention_bwd(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
                    uintptr_t delta, uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t mask, uintptr_t cu_q,
                    uintptr_t cu_k, const std::vector<int64_t>& dims, const std::vector<int64_t>& strides, bool causal,

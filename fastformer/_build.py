@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 MODULE = "_C"
-DEFAULT_ARCHS = "80;90"
+DEFAULT_ARCHS = "80;90a"  # 90a: sm_90 with wgmma (arch-specific; the PTX shipped is plain compute_90)
 
 
 def source_dir() -> Path:
@@ -62,10 +62,11 @@ def find_ninja() -> str | None:
 
 
 def archs() -> list[str]:
+    """The SASS targets, e.g. ['80', '90a'] ('a': the arch-specific features, such as sm_90a's wgmma)."""
     raw = os.environ.get("FASTFORMER_CUDA_ARCHS", DEFAULT_ARCHS)
     out = [a.strip().replace(".", "") for a in raw.replace(",", ";").split(";") if a.strip()]
-    if not out or not all(a.isdigit() for a in out):
-        raise ValueError(f"FASTFORMER_CUDA_ARCHS must look like '80;90', got {raw!r}")
+    if not out or not all(a.rstrip("a").isdigit() and a.count("a") <= 1 for a in out):
+        raise ValueError(f"FASTFORMER_CUDA_ARCHS must look like '80;90a', got {raw!r}")
     return out
 
 
@@ -97,8 +98,10 @@ def _ninja_file(src: Path, out: Path, nvcc: str) -> str:
 
     py_inc = sysconfig.get_paths()["include"]
     gencode = " ".join(f"-gencode arch=compute_{a},code=sm_{a}" for a in archs())
-    top = archs()[-1]
+    top = archs()[-1].rstrip("a")  # arch-specific PTX (compute_90a) would run on no other GPU
     gencode += f" -gencode arch=compute_{top},code=compute_{top}"  # PTX for newer GPUs
+    if "90a" in archs():
+        gencode += " -DFF_HAVE_SM90A"  # the host code may launch the sm_90a (wgmma) kernels
     werror = " -Werror all-warnings" if os.environ.get("FASTFORMER_WERROR") == "1" else ""
     lines = [
         "ninja_required_version = 1.3",

@@ -939,9 +939,18 @@ def test_gpu_cuda_backend_matches_triton(causal, masked, hkv, dtype):
 @pytest.mark.parametrize("d,dtype", [(64, torch.float16), (128, torch.bfloat16), (128, torch.float16)])
 @pytest.mark.parametrize("sq,sk", [(1, 129), (17, 17), (97, 129), (129, 97)])
 @pytest.mark.parametrize("causal,masked", [(True, False), (False, True)])
-def test_gpu_cuda_backend_vs_reference(causal, masked, sq, sk, d, dtype):
+@pytest.mark.parametrize("forward", ["mma", "wgmma"])
+def test_gpu_cuda_backend_vs_reference(causal, masked, sq, sk, d, dtype, forward, monkeypatch):
+    """Both CUDA forwards (mma.sync everywhere, wgmma on sm_90 with FASTFORMER_CUDA_WGMMA=1) and the backward."""
     if "cuda" not in fastformer.available_backends():
         pytest.fail("the cuda backend is not available on this GPU machine (fastformer._C not built?)")
+    if forward == "wgmma":
+        if torch.cuda.get_device_capability() != (9, 0):
+            pytest.skip("the wgmma forward runs on sm_90 only")
+        monkeypatch.setenv("FASTFORMER_CUDA_WGMMA", "1")
+        from fastformer.ops.attention import cuda_impl
+
+        assert cuda_impl.use_wgmma(torch.empty(1, device="cuda")), "sm_90 but no sm_90a code in fastformer._C"
     q, k, v = _rand(2, sq, 4, d, dtype=dtype), _rand(2, sk, 2, d, dtype=dtype), _rand(2, sk, 2, d, dtype=dtype)
     m = _padding_mask("full_row", 2, sk) if masked else None
     _check(q, k, v, causal=causal, key_padding_mask=m, backend="cuda")

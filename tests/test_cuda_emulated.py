@@ -5,7 +5,9 @@ csrc/attention.cu unchanged with tests/emulation/cuda_host.h forced in first: th
 contexts, and mma.sync, ldmatrix, cp.async and shuffles are emulated from the PTX ISA's fragment layouts (the
 header says how, and what it checks: stale reads of tiles before their cp.async wait, reads of unwritten shared
 memory, misaligned or out-of-bounds ldmatrix and cp.async, divergent barriers). The launcher in
-fastformer/ops/attention/cuda_impl.py runs as in production, with fastformer._C replaced by the emulated library.
+fastformer/ops/attention/cuda_impl.py runs as in production, with fastformer._C replaced by the emulated library;
+every case runs with each forward kernel, mma.sync (sm_80) and wgmma (sm_90a, operands read through shared-memory
+descriptors as the header emulates them).
 
 Numbers follow the project's rule: |ours - ref64| <= 2 |torch in the same dtype - ref64| + atol, forward and every
 gradient, with dropout masks shared through the exact (Philox) mode. What emulation cannot show (speed, real
@@ -82,28 +84,30 @@ class _Emulated:
     def __init__(self, lib: ctypes.CDLL):
         self.lib = lib
 
-    def _call(self, fn, ptrs, dims, strides, causal, scale, seed, p, thresh, dtype):
+    def _call(self, fn, ptrs, dims, strides, causal, scale, seed, p, thresh, dtype, *flags):
         err = ctypes.create_string_buffer(512)
         d, s = (ctypes.c_int64 * len(dims))(*dims), (ctypes.c_int64 * len(strides))(*strides)
         u64 = ctypes.c_uint64
         fn(*map(u64, ptrs), d, len(dims), s, len(strides), int(causal), ctypes.c_double(scale), u64(seed),
-           ctypes.c_double(p), ctypes.c_uint32(thresh), int(dtype), err)  # fmt: skip
+           ctypes.c_double(p), ctypes.c_uint32(thresh), int(dtype), *map(int, flags), err)  # fmt: skip
         if err.value:
             raise RuntimeError(err.value.decode())
 
     def attention_fwd(self, *args):
-        *ptrs, dims, strides, causal, scale, seed, p, thresh, dtype, _stream = args
-        self._call(self.lib.emu_attention_fwd, ptrs, dims, strides, causal, scale, seed, p, thresh, dtype)
+        *ptrs, dims, strides, causal, scale, seed, p, thresh, dtype, wgmma, _stream = args
+        self._call(self.lib.emu_attention_fwd, ptrs, dims, strides, causal, scale, seed, p, thresh, dtype, wgmma)
 
     def attention_bwd(self, *args):
         *ptrs, dims, strides, causal, scale, seed, p, thresh, dtype, _stream = args
         self._call(self.lib.emu_attention_bwd, ptrs, dims, strides, causal, scale, seed, p, thresh, dtype)
 
 
-@pytest.fixture
-def emulated(lib, monkeypatch):
+@pytest.fixture(params=["mma", "wgmma"])
+def emulated(lib, monkeypatch, request):
+    """The emulated kernels in place of fastformer._C, the forward on the sm_80 (mma.sync) or sm_90a (wgmma) kernel."""
     monkeypatch.setattr(_ext, "load", lambda: _Emulated(lib))
     monkeypatch.setattr(utils, "stream_handle", lambda _device: 0)
+    monkeypatch.setattr(cuda_impl, "use_wgmma", lambda _q: request.param == "wgmma")
 
 
 def _args(q, k, v, mask=None, cu=None, causal=False, p=0.0, seed=None) -> AttentionArgs:

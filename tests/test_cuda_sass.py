@@ -18,7 +18,8 @@ For every LayerNorm kernel of each built arch among sm_80 and sm_90:
 
 For the attention kernels of each arch: the forward, dK/dV and dQ kernels of every (dtype, head dim) instantiation
 (fp16 and bf16, 64 and 128) have HMMA (mma.sync), fill shared memory with LDGSTS (cp.async) and read it with LDSM
-(ldmatrix); no attention kernel uses local memory (stack frame, spills, LDL/STL).
+(ldmatrix); in sm_90a code (cuobjdump calls it sm_90) the wgmma forward of each has HGMMA; no attention kernel uses
+local memory (stack frame, spills, LDL/STL).
 
 The registers of every kernel are printed (pytest -s) and are part of any failure message. The helpers take any
 binary (an extension, an object file, a cubin), so a candidate kernel can be checked without installing it.
@@ -108,20 +109,24 @@ def test_inspect_cuda_prints_each_kernel(built, capsys):
 ATTENTION_KERNELS = ("attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel")
 
 
-def attention_problems(found: list[Kernel]) -> list[str]:
-    """What is wrong with the attention kernels of one arch (see the module docstring); empty when all is well."""
+def attention_problems(found: list[Kernel], wgmma: bool) -> list[str]:
+    """What is wrong with the attention kernels of one arch (see the module docstring); empty when all is well.
+    ``wgmma``: the arch's code is sm_90a, whose forward also has a wgmma kernel."""
     out = spills(found)
     by_name = {(k.parts[0], k.parts[1], k.parts[2]): k for k in found if k.parts}
-    for name in ATTENTION_KERNELS:
+    wanted = [(name, "HMMA", ("LDGSTS", "LDSM")) for name in ATTENTION_KERNELS]
+    if wgmma:
+        wanted.append(("attn_fwd_wgmma_kernel", "HGMMA", ("LDGSTS",)))  # operands through descriptors, not ldmatrix
+    for name, mma, tiles in wanted:
         for dtype in ("half", "bfloat16"):
             for d in ("D64", "D128"):
                 k = by_name.get((name, dtype, d))
                 if k is None:
                     out.append(f"{name}<{dtype}, {d}> missing")
                     continue
-                if not k.mma["HMMA"]:
-                    out.append(f"{k.name}: no HMMA (mma.sync): not on the tensor cores")
-                for op in ("LDGSTS", "LDSM"):
+                if not k.mma[mma]:
+                    out.append(f"{k.name}: no {mma}: not on the tensor cores")
+                for op in tiles:
                     if not k.tiles[op]:
                         out.append(f"{k.name}: no {op}")
     return out
@@ -135,5 +140,5 @@ def test_attention_kernels_use_tensor_cores_without_spills(built, arch):
     found = kernels(binary, arch, tool, only="attention")
     report = table(arch, found)
     print("\n" + report)
-    wrong = attention_problems(found)
+    wrong = attention_problems(found, wgmma=arch == "sm_90" and "90a" in _build.archs())
     assert not wrong, "\n".join(wrong) + "\n\n" + report

@@ -28,10 +28,10 @@ extern "C" {
 void emu_attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t mask,
                        uintptr_t cu_q, uintptr_t cu_k, const int64_t* dims, int n_dims, const int64_t* strides,
                        int n_strides, int causal, double scale, uint64_t seed, double p, uint32_t thresh24, int dtype,
-                       char* err) {
+                       int wgmma, char* err) {
   guarded(err, [&] {
     fastformer::attention_fwd(q, k, v, out, lse, mask, cu_q, cu_k, vec(dims, n_dims), vec(strides, n_strides),
-                              causal != 0, scale, seed, p, thresh24, dtype, 0);
+                              causal != 0, scale, seed, p, thresh24, dtype, wgmma != 0, 0);
   });
 }
 

@@ -4,8 +4,11 @@
 // - Blocks run one after another; the threads of a block run until each reaches a synchronisation point or
 //   returns. A __syncthreads completes when every thread of the block waits there (a thread that returned while
 //   others wait at one throws); a warp collective (shuffle, ldmatrix, mma, all with the full mask) completes when
-//   all 32 lanes of the warp wait at one (a lane that returned or waits at a barrier instead throws). Nothing left to
-//   release while threads still wait is a deadlock and throws.
+//   all 32 lanes of the warp wait at one, a warpgroup collective (wgmma) when all 128 threads of the warpgroup do
+//   (a member that returned throws). Nothing left to release while threads still wait is a deadlock and throws.
+// - wgmma reads its shared-memory operands through descriptors in the no-swizzle canonical layout (csrc/mma.cuh
+//   states it) and runs at issue: fences, commits and waits are no-ops, so an accumulator read before its wait
+//   is not caught here. Swizzled descriptors are refused.
 // - mma.m16n8k16, ldmatrix (.x4, .trans) and the pack to 16 bits follow the fragment layouts of the PTX ISA
 //   (csrc/mma.cuh states them). Products are exact and sums are fp32, as on the tensor cores up to summation order.
 // - cp.async copies are queued per thread and done only when a cp.async.wait_group lets them complete, so a read of
@@ -50,7 +53,7 @@ constexpr int kMaxThreads = 1024;
 constexpr size_t kStack = 256 * 1024;
 constexpr size_t kSmem = 232448;  // the most dynamic shared memory a block may have (sm_90)
 
-enum Sync : int { kBarrier = 1, kWarp = 2 };
+enum Sync : int { kBarrier = 1, kWarp = 2, kGroup = 3 };  // __syncthreads, warp and warpgroup collectives
 
 struct Copy {
   void* dst;
@@ -89,11 +92,12 @@ inline void rendezvous(int kind) {
   swapcontext(&s.ctx[s.cur], &s.sched);
 }
 
-// Hand `n` words to a warp collective; returns the slots of this generation for reading every lane's words.
-inline uint64_t (*exchange(const uint64_t* words, int n))[8] {
+// Hand `n` words to a warp (or warpgroup) collective; returns the slots of this generation for reading every
+// participant's words.
+inline uint64_t (*exchange(const uint64_t* words, int n, int kind = kWarp))[8] {
   State& s = st();
   std::memcpy(s.slots[s.gen & 1][s.cur], words, n * sizeof(uint64_t));
-  rendezvous(kWarp);
+  rendezvous(kind);
   return s.slots[(s.gen - 1) & 1];
 }
 
@@ -154,13 +158,19 @@ void run(unsigned grid, unsigned block, size_t smem, F fn) {
         for (unsigned t = 0; t < block; ++t) s.waiting[t] = false;
         released = true;
       } else {
-        for (unsigned w = 0; w < block; w += 32) {
-          int at_warp = 0;
-          for (unsigned t = w; t < w + 32; ++t) at_warp += s.waiting[t] && s.kind[t] == kWarp;
-          if (at_warp == 0) continue;
-          if (at_warp != 32) throw std::runtime_error("warp collective reached by only part of a warp");
-          for (unsigned t = w; t < w + 32; ++t) s.waiting[t] = false;
-          released = true;
+        for (const auto [kind, size] : {std::pair<int, unsigned>{kWarp, 32}, {kGroup, 128}}) {
+          for (unsigned w = 0; w < block; w += size) {
+            unsigned at = 0, gone = 0;
+            for (unsigned t = w; t < w + size && t < block; ++t) {
+              at += s.waiting[t] && s.kind[t] == kind;
+              gone += s.done[t];
+            }
+            if (at == 0) continue;
+            if (gone > 0) throw std::runtime_error("a collective reached after part of its warp(group) returned");
+            if (at != size) continue;  // the others are still on their way (or deadlocked: see below)
+            for (unsigned t = w; t < w + size; ++t) s.waiting[t] = false;
+            released = true;
+          }
         }
       }
       if (!released) throw std::runtime_error("deadlock: threads wait at a barrier that cannot complete");
@@ -270,6 +280,74 @@ inline void ldsm(uint32_t (&r)[4], const void* row, bool trans) {
 }
 inline void ldsm_x4(uint32_t (&r)[4], const void* row) { ldsm(r, row, false); }
 inline void ldsm_x4_trans(uint32_t (&r)[4], const void* row) { ldsm(r, row, true); }
+
+inline uint64_t wgmma_desc(const void* smem, uint32_t lbo, uint32_t sbo) {
+  emu::check_smem(smem, 16, "wgmma descriptor start");
+  const uint64_t a = static_cast<uint64_t>(static_cast<const unsigned char*>(smem) - emu::st().smem);
+  return ((a >> 4) & 0x3FFF) | static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16 |
+         static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32;
+}
+inline void wgmma_fence() {}
+inline void wgmma_commit() {}
+template <int N>
+inline void wgmma_wait() {}
+inline void fence_proxy_async() {}
+template <int N>
+inline void wgmma_hold(float (&)[N][4]) {}
+
+// Element (mn, k) of a no-swizzle shared-memory operand: K-major (8 consecutive k per 16-byte core-matrix row) or
+// MN-major (8 consecutive mn per row); core matrices LBO bytes apart along K, SBO along M/N.
+template <typename T>
+inline float desc_elem(uint64_t desc, int mn, int k, bool mn_major) {
+  if (desc >> 62) throw std::runtime_error("wgmma: swizzled descriptors are not emulated");
+  const size_t start = (desc & 0x3FFF) << 4, lbo = ((desc >> 16) & 0x3FFF) << 4, sbo = ((desc >> 32) & 0x3FFF) << 4;
+  const size_t off = mn_major ? start + (mn % 8) * 2 + (mn / 8) * sbo + (k % 8) * 16 + (k / 8) * lbo
+                              : start + (mn % 8) * 16 + (mn / 8) * sbo + (k % 8) * 2 + (k / 8) * lbo;
+  if (off + 2 > emu::st().smem_size) throw std::runtime_error("wgmma: operand outside shared memory");
+  uint16_t b;
+  std::memcpy(&b, emu::st().smem + off, 2);
+  return from16<T>(b);
+}
+
+// wgmma.m64nNk16, A from registers (a != nullptr; the A layout per warp) or from shared memory (K-major, da), B from
+// shared memory (K-major, or MN-major when b_mn_major).
+template <typename T, int N>
+inline void wgmma_emulated(float (&d)[N / 8][4], const uint32_t* a, uint64_t da, uint64_t db, bool acc,
+                           bool b_mn_major) {
+  const uint64_t mine[7] = {a ? a[0] : 0, a ? a[1] : 0, a ? a[2] : 0, a ? a[3] : 0, a ? 0 : da, db, acc};
+  auto slots = emu::exchange(mine, 7, emu::kGroup);
+  const int me = emu::st().cur, group0 = me & ~127, w = (me & 127) >> 5, g = (me & 31) >> 2, t = me & 3;
+  for (int o = group0; o < group0 + 128; ++o) {
+    if (slots[o][4] != slots[me][4] || slots[o][5] != slots[me][5] || slots[o][6] != slots[me][6]) {
+      throw std::runtime_error("wgmma: the warpgroup's threads disagree on descriptors or accumulation");
+    }
+  }
+  auto A = [&](int m, int k) {
+    if (a == nullptr) return desc_elem<T>(da, m, k, false);
+    const int r = m % 16, lane = (r % 8) * 4 + (k % 8) / 2, reg = (r >= 8) + 2 * (k >= 8);
+    return from16<T>(half_of(slots[group0 + (m / 16) * 32 + lane][reg], k % 2));
+  };
+  for (int i = 0; i < N / 8; ++i) {
+    for (int e = 0; e < 4; ++e) {
+      const int row = 16 * w + g + 8 * (e >> 1), col = 8 * i + 2 * t + (e & 1);
+      float v = acc ? d[i][e] : 0.f;
+      for (int k = 0; k < 16; ++k) v += A(row, k) * desc_elem<T>(db, col, k, b_mn_major);
+      d[i][e] = v;
+    }
+  }
+}
+template <typename T>
+inline void wgmma_ss_n64(float (&d)[8][4], uint64_t da, uint64_t db, bool acc) {
+  wgmma_emulated<T, 64>(d, nullptr, da, db, acc, false);
+}
+template <typename T>
+inline void wgmma_rs_n64(float (&d)[8][4], const uint32_t (&a)[4], uint64_t db, bool acc) {
+  wgmma_emulated<T, 64>(d, a, 0, db, acc, true);
+}
+template <typename T>
+inline void wgmma_rs_n128(float (&d)[16][4], const uint32_t (&a)[4], uint64_t db, bool acc) {
+  wgmma_emulated<T, 128>(d, a, 0, db, acc, true);
+}
 
 inline void cp_async16(void* dst, const void* src, bool full) {
   emu::check_smem(dst, 16, "cp.async destination");

@@ -1,9 +1,15 @@
 """Attention on the CUDA C++ tensor-core kernels of csrc/attention.cu (fastformer._C): fp16/bf16, head dims 64 and
-128, sm_80 and later (``api._why_not`` refuses anything else with the reason)."""
+128, sm_80 and later (``api._why_not`` refuses anything else with the reason).
+
+The forward has two kernels: mma.sync (sm_80 and later) and wgmma (sm_90a). The wgmma forward has run only in the
+host emulation so far, so it is opt-in: ``FASTFORMER_CUDA_WGMMA=1`` on an sm_90 GPU with a build holding sm_90a code
+(the default ``FASTFORMER_CUDA_ARCHS``) until a recorded GPU run shows it correct and faster.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 from torch import Tensor
@@ -25,6 +31,13 @@ def reason(q: Tensor) -> str | None:
     if q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 0):
         return "the CUDA attention kernels need compute capability 8.0 or newer (mma.sync m16n8k16, cp.async)"
     return None
+
+
+def use_wgmma(q: Tensor) -> bool:
+    """Whether the forward runs the sm_90a (wgmma) kernel for q: see the module docstring."""
+    if os.environ.get("FASTFORMER_CUDA_WGMMA", "0") != "1" or not q.is_cuda:
+        return False
+    return torch.cuda.get_device_capability(q.device) == (9, 0) and _ext.load().has_sm90a()
 
 
 def aligned(t: Tensor) -> Tensor:
@@ -49,12 +62,12 @@ def _inputs(a: AttentionArgs) -> tuple[Tensor | None, Tensor | None, Tensor | No
 def _tail(a: AttentionArgs, inputs: tuple, more_strides: list[int]) -> tuple:
     """The arguments both launchers take after their tensors, in the flat form csrc/ops.h documents: the
     :func:`_inputs` pointers (the caller keeps them alive), dims, strides (q, k, v, lse, mask, then
-    ``more_strides``), flags, dropout, dtype and stream."""
+    ``more_strides``), flags, dropout and dtype (the stream goes last, after the forward's kernel choice)."""
     dims = [a.batch, a.h, a.hkv, a.sq, a.sk, a.d, a.drop_stride, int(a.varlen)]
     strides = [*a.strides(a.q, a.k, a.v), *a.lse_strides(), *a.mask_strides(inputs[0]), *more_strides]
     seed, thresh, _ = dropout.kernel_args(a.dropout_p, a.seed)
     flags = (bool(a.causal), float(a.scale), seed, float(a.dropout_p), thresh)
-    return *_ptrs(*inputs), dims, strides, *flags, utils.DTYPE_CODE[a.q.dtype], utils.stream_handle(a.q.device)
+    return *_ptrs(*inputs), dims, strides, *flags, utils.DTYPE_CODE[a.q.dtype]
 
 
 def _prepared(a: AttentionArgs) -> AttentionArgs:
@@ -68,7 +81,10 @@ def fwd(a: AttentionArgs) -> tuple[Tensor, Tensor]:
     if a.no_rows:
         return out, lse
     inputs = _inputs(a)
-    _ext.load().attention_fwd(*_ptrs(a.q, a.k, a.v, out, lse), *_tail(a, inputs, a.strides(out)))
+    stream = utils.stream_handle(a.q.device)
+    _ext.load().attention_fwd(
+        *_ptrs(a.q, a.k, a.v, out, lse), *_tail(a, inputs, a.strides(out)), use_wgmma(a.q), stream
+    )
     return out, lse
 
 
@@ -79,5 +95,6 @@ def bwd(a: AttentionArgs, dout: Tensor, out: Tensor, lse: Tensor) -> tuple[Tenso
         return dq, dk, dv
     delta = torch.zeros_like(lse)
     tensors, inputs = (dout, a.q, a.k, a.v, out, lse, delta, dq, dk, dv), _inputs(a)
-    _ext.load().attention_bwd(*_ptrs(*tensors), *_tail(a, inputs, a.strides(dout, out, dq, dk, dv)))
+    stream = utils.stream_handle(a.q.device)
+    _ext.load().attention_bwd(*_ptrs(*tensors), *_tail(a, inputs, a.strides(dout, out, dq, dk, dv)), stream)
     return dq, dk, dv
