@@ -58,6 +58,7 @@ struct Params {
   const int* cu_q;      // (B + 1) sequence starts when varlen
   const int* cu_k;
   int64_t batch, heads, kv_heads, seq_q, seq_k, dim, drop_stride;
+  int64_t tokens_q, tokens_k;  // rows of q and k along their token dimension: Sq/Sk, or the packed totals (varlen)
   bool varlen, causal, dropout;
   Strides3 sq, sk, sv;
   int64_t lse_b, lse_h, mask_b, mask_k;
@@ -573,6 +574,156 @@ __global__ void __launch_bounds__(kWgThreads, 1) attn_fwd_wgmma_kernel(Params p,
 #endif
 }
 
+// ---- sm_90a forward: TMA, a producer warpgroup and two consumer warpgroups --------------------------------------------
+//
+// The FlashAttention-3 arrangement, for calls without a key padding mask: warpgroup 0 produces, warpgroups 1 and 2
+// consume 64 query rows each (the wgmma forward above, otherwise). The producer gives most of its registers back
+// (setmaxnreg) and one of its threads issues TMA copies: Q once, then the K and V tiles of 64 keys into a two-stage
+// ring, each stage guarded by two mbarriers: `full` (the copies' bytes have landed and the stage's key bias is
+// written: 1 arrival with the byte count plus the bias writers') and `empty` (each of the 8 consumer warps is done
+// with it). Consumers take the registers the producer gave back, wait on `full`, run S = Q K^T, the online softmax
+// and O += P V on wgmma exactly as the wgmma forward does, then arrive on `empty`: while they compute one tile the
+// TMA unit is already filling the other stage. The tensor maps view q/k/v as 5-D (8 elements, token, head dim / 8,
+// head, batch) so that a box (8, rows, D / 8, 1, 1) lands in shared memory as the core-matrix tile wgmma reads;
+// tokens past the tensor arrive as zeros. O is written from registers (each quad of lanes stores 16 contiguous
+// bytes) so the two consumer warpgroups never wait for each other.
+// Not done: the ping-pong of the two consumers' softmax and matmuls, and swizzled (128-byte) layouts.
+constexpr int kTmaThreads = 384;
+
+struct TmaMaps {
+  CUtensorMap q, k, v;
+};
+
+template <int D>
+constexpr size_t fwd_tma_smem(size_t elem) {
+  // 128 bytes of alignment slack; Q, the K/V ring, the key bias and 5 mbarriers
+  return 128 + (kWgRows + 4 * kKeys) * D * elem + 2 * kKeys * sizeof(float) + 5 * sizeof(uint64_t);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kTmaThreads, 1)
+    attn_fwd_tma_kernel(const __grid_constant__ TmaMaps maps, Params p, T* out, Strides3 so, float* lse) {
+#if defined(FF_SM90A_DEVICE) || defined(FF_HOST_EMULATION)
+  unsigned char* base = dynamic_smem();
+  base += (128 - reinterpret_cast<uintptr_t>(base) % 128) % 128;  // TMA destinations are 128-byte aligned
+  T* qs = reinterpret_cast<T*>(base);  // kWgRows x D, core-matrix tile
+  T* ks = qs + kWgRows * D;            // 2 stages x kKeys x D
+  T* vs = ks + 2 * kKeys * D;          // 2 stages x kKeys x D
+  float* bias = reinterpret_cast<float*>(vs + 2 * kKeys * D);  // 2 stages x kKeys
+  uint64_t* bars = reinterpret_cast<uint64_t*>(bias + 2 * kKeys);
+  uint64_t *q_full = bars, *full = bars + 1, *empty = bars + 3;
+  const QTile qt = q_tile(p, kWgRows);
+  const Seq& s = qt.s;
+  if (qt.m0 >= s.len_q) return;
+  const int64_t hi = key_end(p, s, qt.m0, kWgRows);
+  const int n_tiles = static_cast<int>((hi + kKeys - 1) / kKeys);
+  if (threadIdx.x == 0) {
+    mbar_init(q_full, 1);
+    for (int st = 0; st < 2; ++st) {
+      mbar_init(full + st, kKeys);  // the bias writers, one of which also brings the byte count
+      mbar_init(empty + st, 8);     // one arrival per consumer warp
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+  // tensor coordinates: (0, token, 0, head, batch); varlen maps are (.., total, .., head, 1) at token q0/k0 + i
+  const int b_coord = p.varlen ? 0 : static_cast<int>(qt.b);
+
+  constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128 x 40 + 256 x 232 <= 65536 registers
+  if (threadIdx.x < 128) {  // producer warpgroup
+    setmaxnreg_dec<kProducerRegs>();
+    const int tid = threadIdx.x;
+    if (tid == 0) {
+      mbar_arrive_expect_tx(q_full, kWgRows * D * sizeof(T));
+      tma_load_5d(qs, &maps.q, 0, static_cast<int>(s.q0 + qt.m0), 0, static_cast<int>(qt.h), b_coord, q_full);
+    }
+    for (int it = 0; it < n_tiles; ++it) {
+      const int st = it & 1;
+      const int64_t n0 = static_cast<int64_t>(it) * kKeys;
+      if (tid >= kKeys) break;
+      mbar_wait(empty + st, ((it >> 1) & 1) ^ 1);  // the consumers are done with this stage's previous tile
+      const int64_t j = n0 + tid;
+      bias[st * kKeys + tid] = j < s.len_k ? 0.f : -INFINITY;
+      if (tid == 0) {
+        mbar_arrive_expect_tx(full + st, 2 * kKeys * D * sizeof(T));
+        const int row = static_cast<int>(s.k0 + n0);
+        tma_load_5d(ks + st * kKeys * D, &maps.k, 0, row, 0, static_cast<int>(qt.hk), b_coord, full + st);
+        tma_load_5d(vs + st * kKeys * D, &maps.v, 0, row, 0, static_cast<int>(qt.hk), b_coord, full + st);
+      } else {
+        mbar_arrive(full + st);
+      }
+    }
+    return;
+  }
+
+  setmaxnreg_inc<kConsumerRegs>();
+  const int warp = (threadIdx.x >> 5) - 4, g = (threadIdx.x & 31) >> 2, wg = warp >> 2;  // consumer warp 0..7
+  const int64_t off = s.len_k - s.len_q;
+  const int64_t row0 = lse_row(p, qt.b, qt.h, s, qt.m0 + warp * 16 + g);
+  float o[D / 8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  zero(o);
+  const T* q_wg = qs + wg * 64 * 8;
+  mbar_wait(q_full, 0);
+  for (int it = 0; it < n_tiles; ++it) {
+    const int st = it & 1;
+    const int64_t n0 = static_cast<int64_t>(it) * kKeys;
+    mbar_wait(full + st, (it >> 1) & 1);
+    const T* kt = ks + st * kKeys * D;
+    const T* vt = vs + st * kKeys * D;
+    float sc[kKeys / 8][4];
+    zero(sc);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint64_t da = wgmma_desc(q_wg + kk * 2 * kWgRows * 8, kWgRows * 16, 128);
+      const uint64_t db = wgmma_desc(kt + kk * 2 * kKeys * 8, kKeys * 16, 128);
+      wgmma_ss_n64<T>(sc, da, db, kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_hold(sc);
+    const bool masked = tile_masked(p, s, qt.m0, n0, kKeys);
+    softmax_step(p, sc, o, m, l, masked ? bias + st * kKeys : nullptr, warp * 16 + g, causal_diag(qt.m0, n0, off),
+                 row0, n0);
+    uint32_t pf[kKeys / 16][4];
+    acc_to_a<T, kKeys>(pf, sc);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+      const uint64_t db = wgmma_desc(vt + kk * 2 * 64, 128, kKeys * 16);
+      if constexpr (D == 64) {
+        wgmma_rs_n64<T>(o, pf[kk], db, true);
+      } else {
+        wgmma_rs_n128<T>(o, pf[kk], db, true);
+      }
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_hold(o);
+    __syncwarp();
+    if ((threadIdx.x & 31) == 0) mbar_arrive(empty + st);
+  }
+  // O / l straight from registers, and lse
+  const int t = threadIdx.x & 3;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    const int64_t i = opaque(qt.m0) + warp * 16 + g + 8 * r;
+    if (i >= s.len_q) continue;
+    if (t == 0) lse[lse_row(p, qt.b, qt.h, s, i)] = l[r] > 0.f ? m[r] * kLn2 + logf(l[r]) : INFINITY;
+    T* orow = out + at(so, qt.b, s.q0 + i, qt.h);
+#pragma unroll
+    for (int nb = 0; nb < D / 8; ++nb) {
+      *reinterpret_cast<uint32_t*>(orow + nb * 8 + 2 * t) = pack2<T>(o[nb][2 * r] * inv, o[nb][2 * r + 1] * inv);
+    }
+  }
+#else
+  __trap();
+#endif
+}
+
 // delta[row] = sum_d dO * O; one warp per row, D / 32 elements per lane
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) attn_bwd_delta_kernel(Params p, const T* out, Strides3 so, const T* dout,
@@ -798,13 +949,51 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_kernel(Params p, cons
 
 Strides3 strides3(const std::vector<int64_t>& st, size_t at) { return {st[at], st[at + 1], st[at + 2]}; }
 
-// dims = [B, H, Hkv, Sq (max), Sk (max), D, drop_stride, varlen]
+#ifndef FF_HOST_EMULATION  // the emulation encodes its own maps
+// A rank-5 tiled tensor map of 16-bit elements, no swizzle, zero fill outside the tensor: the driver's
+// cuTensorMapEncodeTiled, looked up through the runtime so that nothing links the driver library.
+CUtensorMap make_tensor_map_5d(const void* base, int dtype, const uint64_t (&dims)[5], const uint64_t (&strides)[4],
+                               const uint32_t (&box)[5]) {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    FF_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
+    if (found != cudaDriverEntryPointSuccess || fn == nullptr) {
+      throw std::runtime_error("fastformer._C: the driver has no cuTensorMapEncodeTiled");
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  CUtensorMap map;
+  const uint32_t unit[5] = {1, 1, 1, 1, 1};
+  const CUresult r = encode(&map, dtype == kF16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 5,
+                            const_cast<void*>(base), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) throw std::runtime_error("fastformer._C: cuTensorMapEncodeTiled failed: " + std::to_string(r));
+  return map;
+}
+#endif
+
+// The 5-D view (8 elements, token, D / 8, head, batch) of q, k or v that the TMA forward copies boxes of `rows`
+// tokens from (see attn_fwd_tma_kernel); tokens = Sq/Sk (dense) or the packed total (varlen, batch 1).
+CUtensorMap qkv_map(const void* base, int dtype, int64_t d, int64_t tokens, int64_t heads, int64_t batch,
+                    const Strides3& st, uint32_t rows) {
+  const uint64_t dims[5] = {8, static_cast<uint64_t>(tokens), static_cast<uint64_t>(d / 8),
+                            static_cast<uint64_t>(heads), static_cast<uint64_t>(batch)};
+  // a batch stride of 0 (varlen) is not a valid TMA stride; any will do for a dimension of size 1
+  const uint64_t sb = st.b != 0 ? st.b : st.s * tokens;
+  const uint64_t strides[4] = {static_cast<uint64_t>(st.s) * 2, 16, static_cast<uint64_t>(st.h) * 2, sb * 2};
+  const uint32_t box[5] = {8, rows, static_cast<uint32_t>(d / 8), 1, 1};
+  return make_tensor_map_5d(base, dtype, dims, strides, box);
+}
+
+// dims = [B, H, Hkv, Sq (max), Sk (max), D, drop_stride, varlen, tokens_q, tokens_k]
 // strides = [q b,s,h | k b,s,h | v b,s,h | lse b,h | mask b,k] then, as b,s,h triples,
 // forward: out; backward: do, out, dq, dk, dv
 Params make_params(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintptr_t cu_q, uintptr_t cu_k,
                    const std::vector<int64_t>& dims, const std::vector<int64_t>& st, bool causal, double scale,
                    uint64_t seed, double p, uint32_t thresh24) {
-  if (dims.size() != 8 || st.size() < 13) throw std::invalid_argument("fastformer._C.attention: bad dims/strides");
+  if (dims.size() != 10 || st.size() < 13) throw std::invalid_argument("fastformer._C.attention: bad dims/strides");
   if (dims[5] != 64 && dims[5] != 128) {
     throw std::invalid_argument("fastformer._C.attention: head dim must be 64 or 128, got " + std::to_string(dims[5]));
   }
@@ -830,6 +1019,8 @@ Params make_params(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintpt
   prm.dim = dims[5];
   prm.drop_stride = dims[6];
   prm.varlen = dims[7] != 0;
+  prm.tokens_q = dims[8];
+  prm.tokens_k = dims[9];
   prm.causal = causal;
   prm.dropout = p > 0.0;
   prm.sq = strides3(st, 0);
@@ -888,7 +1079,14 @@ void attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr
   FF_DISPATCH_ATTENTION(dtype, prm.dim, {
     auto* o = reinterpret_cast<T*>(out);
     auto* l = reinterpret_cast<float*>(lse);
-    if (wgmma) {
+    if (wgmma && prm.mask == nullptr) {  // TMA copies whole boxes: padded keys could not be zero-filled per row
+      TmaMaps maps{};
+      const int64_t nb = prm.varlen ? 1 : prm.batch;
+      maps.q = qkv_map(prm.q, dtype, D, prm.tokens_q, prm.heads, nb, prm.sq, kWgRows);
+      maps.k = qkv_map(prm.k, dtype, D, prm.tokens_k, prm.kv_heads, nb, prm.sk, kKeys);
+      maps.v = qkv_map(prm.v, dtype, D, prm.tokens_k, prm.kv_heads, nb, prm.sv, kKeys);
+      launch(attn_fwd_tma_kernel<T, D>, grid, kTmaThreads, fwd_tma_smem<D>(sizeof(T)), st, maps, prm, o, so, l);
+    } else if (wgmma) {
       launch(attn_fwd_wgmma_kernel<T, D>, grid, kWgThreads, fwd_wgmma_smem<D>(sizeof(T)), st, prm, o, so, l);
     } else {
       launch(attn_fwd_kernel<T, D>, grid, kThreads, fwd_smem<D>(sizeof(T)), st, prm, o, so, l);

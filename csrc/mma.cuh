@@ -14,6 +14,9 @@
 // The host emulation (tests/emulation/cuda_host.h) defines FF_HOST_EMULATION and supplies these functions itself.
 #pragma once
 
+#include <cuda.h>  // CUtensorMap (types only: nothing links the driver library)
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
+
 #include "common.cuh"
 
 namespace fastformer {
@@ -262,6 +265,79 @@ __device__ __forceinline__ void wgmma_rs_n128(float (&d)[16][4], const uint32_t 
   }
 #else
   __trap();
+#endif
+}
+
+// ---- sm_90a: the tensor memory accelerator (TMA) and mbarriers ------------------------------------------------------
+//
+// A TMA copy moves a box of a tensor described by a CUtensorMap (encoded on the host, passed as a __grid_constant__
+// kernel parameter) from global into shared memory and reports its bytes to an mbarrier; elements outside the
+// tensor arrive as zeros. An mbarrier completes a phase when its expected arrivals have arrived and its expected
+// transaction bytes have landed; waiting on parity P returns once the phase of parity P has completed (so waiting on
+// parity 1 of a fresh barrier returns at once).
+
+// Start copying the box at coordinates c (innermost first) of a rank-5 tensor map into shared memory at dst.
+__device__ __forceinline__ void tma_load_5d(void* dst, const CUtensorMap* map, int c0, int c1, int c2, int c3, int c4,
+                                            uint64_t* bar) {
+#ifdef FF_SM90A_DEVICE
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  const uint32_t b = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+  asm volatile(
+      "cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5, "
+      "%6}], [%7];\n" ::"r"(d),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "r"(b)
+      : "memory");
+#endif
+}
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+#ifdef FF_SM90A_DEVICE
+  const uint32_t b = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(b), "r"(count) : "memory");
+#endif
+}
+// Make initialised mbarriers visible to the async proxy (the TMA unit) and to the other threads (with a barrier).
+__device__ __forceinline__ void mbar_init_fence() {
+#ifdef FF_SM90A_DEVICE
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+#ifdef FF_SM90A_DEVICE
+  const uint32_t b = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(b) : "memory");
+#endif
+}
+// Arrive and expect `bytes` more transaction bytes in the current phase.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+#ifdef FF_SM90A_DEVICE
+  const uint32_t b = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(b), "r"(bytes) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+#ifdef FF_SM90A_DEVICE
+  const uint32_t b = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+  asm volatile(
+      "{\n.reg .pred done;\nWAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n}\n" ::"r"(b),
+      "r"(parity)
+      : "memory");
+#endif
+}
+
+// Give this warpgroup's registers back to the pool (producer) or take more (consumers); all 128 threads execute it.
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+#ifdef FF_SM90A_DEVICE
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+#endif
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+#ifdef FF_SM90A_DEVICE
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
 #endif
 }
 

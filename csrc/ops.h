@@ -27,7 +27,8 @@ void ffn_act_bwd(uintptr_t g, uintptr_t pre, uintptr_t h, int64_t rows, int64_t 
                  uint32_t thresh24, int dtype, uintptr_t stream);
 
 // attention.cu: fused attention (layout and conventions in fastformer/ops/attention/).
-// dims = [B, H, Hkv, Sq, Sk, D, drop_stride, varlen] (Sq/Sk are maxima when varlen); strides = (b, s, h) triples of
+// dims = [B, H, Hkv, Sq, Sk, D, drop_stride, varlen, tokens_q, tokens_k] (Sq/Sk are maxima when varlen, tokens_q/k
+// the rows of q and k along their token dimension: Sq/Sk dense, the packed totals varlen); strides = (b, s, h) triples of
 // q, k, v, then lse (b, h), mask (b, k), then out (forward) or do, out, dq, dk, dv (backward).
 // mask: uint8 (B, Sk) or 0; cu_q/cu_k: int32 (B + 1) or 0.
 // wgmma: run the sm_90a forward (an sm_90 device and a build with sm_90a code, else std::invalid_argument).

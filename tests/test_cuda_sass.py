@@ -18,8 +18,8 @@ For every LayerNorm kernel of each built arch among sm_80 and sm_90:
 
 For the attention kernels of each arch: the forward, dK/dV and dQ kernels of every (dtype, head dim) instantiation
 (fp16 and bf16, 64 and 128) have HMMA (mma.sync), fill shared memory with LDGSTS (cp.async) and read it with LDSM
-(ldmatrix); in sm_90a code (cuobjdump calls it sm_90) the wgmma forward of each has HGMMA; no attention kernel uses
-local memory (stack frame, spills, LDL/STL).
+(ldmatrix); in sm_90a code (cuobjdump calls it sm_90) the wgmma forwards of each have HGMMA, fed by LDGSTS or by
+UTMALDG (TMA); no attention kernel uses local memory (stack frame, spills, LDL/STL).
 
 The registers of every kernel are printed (pytest -s) and are part of any failure message. The helpers take any
 binary (an extension, an object file, a cubin), so a candidate kernel can be checked without installing it.
@@ -115,8 +115,8 @@ def attention_problems(found: list[Kernel], wgmma: bool) -> list[str]:
     out = spills(found)
     by_name = {(k.parts[0], k.parts[1], k.parts[2]): k for k in found if k.parts}
     wanted = [(name, "HMMA", ("LDGSTS", "LDSM")) for name in ATTENTION_KERNELS]
-    if wgmma:
-        wanted.append(("attn_fwd_wgmma_kernel", "HGMMA", ("LDGSTS",)))  # operands through descriptors, not ldmatrix
+    if wgmma:  # operands through descriptors, not ldmatrix; copied by cp.async or by the TMA unit
+        wanted += [("attn_fwd_wgmma_kernel", "HGMMA", ("LDGSTS",)), ("attn_fwd_tma_kernel", "HGMMA", ("UTMALDG",))]
     for name, mma, tiles in wanted:
         for dtype in ("half", "bfloat16"):
             for d in ("D64", "D128"):

@@ -27,7 +27,8 @@ _GLOBAL = re.compile(r"(?<![\w.])(LDG|STG)((?:\.[A-Z0-9_]+)*)(?=\s)")
 _LOCAL = re.compile(r"(?<![\w.])(?:LDL|STL)(?:\.[A-Z0-9_]+)*(?=\s)")
 _ATOMIC = re.compile(r"(?<![\w.])(?:ATOMG|RED|ATOM)(?:\.[A-Z0-9_]+)*(?=\s)")
 _MMA = re.compile(r"(?<![\w.])(HMMA|HGMMA)(?=[.\s])")  # tensor-core matmuls: mma.sync (sm_80+), wgmma (sm_90a)
-_ASYNC = re.compile(r"(?<![\w.])(LDGSTS|LDSM)(?=[.\s])")  # cp.async global -> shared, ldmatrix
+# tile movement: cp.async global -> shared, ldmatrix, TMA tensor loads
+_ASYNC = re.compile(r"(?<![\w.])(LDGSTS|LDSM|UTMALDG)(?=[.\s])")
 _INSTR = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", re.M)
 
 
@@ -44,7 +45,7 @@ class Kernel:
     local_ops: int = 0
     atomics: int = 0
     mma: collections.Counter = field(default_factory=collections.Counter)  # "HMMA" | "HGMMA" -> count
-    tiles: collections.Counter = field(default_factory=collections.Counter)  # "LDGSTS" | "LDSM" -> count
+    tiles: collections.Counter = field(default_factory=collections.Counter)  # "LDGSTS" | "LDSM" | "UTMALDG" -> count
 
     @property
     def parts(self) -> tuple[str, str, str] | None:

@@ -14,11 +14,18 @@
 // - cp.async copies are queued per thread and done only when a cp.async.wait_group lets them complete, so a read of
 //   a tile before its wait sees stale data. Dynamic shared memory starts each block filled with 0xff bytes (NaN as
 //   half, bfloat16 and float), so a read of shared memory nobody wrote poisons the result.
+// - TMA copies (cp.async.bulk.tensor) happen at issue and then complete their bytes on the mbarrier; tensor maps are
+//   the emulator's own encoding of what the launcher asked for (the driver's cuTensorMapEncodeTiled is not called,
+//   its limits are checked: box sizes, 16-byte strides and alignment). mbarrier phases, arrival counts and
+//   transaction bytes are tracked; a wait spins (yielding) until its phase completes, and a round of spinning in
+//   which no mbarrier changed is a deadlock and throws. Shared memory starts 16 bytes past a 128-byte boundary, so
+//   code that needs 128-byte alignment (TMA destinations) must align it itself.
 // - Addresses are checked: ldmatrix rows and cp.async destinations in the block's shared memory, 16-byte aligned.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda.h>
 #include <cuda_runtime.h>
 #include <ucontext.h>
 
@@ -26,6 +33,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -46,6 +54,8 @@
 #define __shared__ static
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
+#undef __grid_constant__
+#define __grid_constant__
 
 namespace emu {
 
@@ -53,7 +63,14 @@ constexpr int kMaxThreads = 1024;
 constexpr size_t kStack = 256 * 1024;
 constexpr size_t kSmem = 232448;  // the most dynamic shared memory a block may have (sm_90)
 
-enum Sync : int { kBarrier = 1, kWarp = 2, kGroup = 3 };  // __syncthreads, warp and warpgroup collectives
+// __syncthreads, warp and warpgroup collectives, and a spin (an mbarrier wait: runs again next round)
+enum Sync : int { kBarrier = 1, kWarp = 2, kGroup = 3, kSpin = 4 };
+
+struct Bar {  // an mbarrier
+  uint32_t count, pending;
+  int64_t tx;
+  uint64_t phase;
+};
 
 struct Copy {
   void* dst;
@@ -74,10 +91,14 @@ struct State {
   std::vector<std::vector<std::vector<Copy>>> groups;  // per thread: committed groups, oldest first
   std::vector<std::vector<Copy>> open;                 // per thread: copies not yet committed
   std::vector<char> stacks;
-  alignas(16) unsigned char smem[kSmem];
+  alignas(128) unsigned char raw[kSmem + 144];
+  unsigned char* smem = raw + 16;  // 16-byte but not 128-byte aligned, as dynamic shared memory may be
   size_t smem_size = 0;
   std::function<void()>* body = nullptr;
   unsigned long syncs = 0;
+  std::map<uint64_t*, Bar> bars;  // this block's mbarriers
+  unsigned long progress = 0;     // mbarrier state changes: a round of spinning without any is a deadlock
+  std::string error;              // what a thread threw
 };
 
 inline State& st() {
@@ -103,16 +124,22 @@ inline uint64_t (*exchange(const uint64_t* words, int n, int kind = kWarp))[8] {
 
 inline void entry() {
   State& s = st();
-  (*s.body)();
+  try {  // an exception cannot unwind past the context's entry: carry it to the scheduler, which rethrows it
+    (*s.body)();
+  } catch (const std::exception& e) {
+    s.error = std::string("thread ") + std::to_string(s.cur) + ": " + e.what();
+  }
   s.done[s.cur] = true;
   swapcontext(&s.ctx[s.cur], &s.sched);
 }
 
-inline void check_smem(const void* p, size_t bytes, const char* what) {
+inline void check_smem(const void* p, size_t bytes, const char* what, size_t align = 16) {
   State& s = st();
   const auto* c = static_cast<const unsigned char*>(p);
   if (c < s.smem || c + bytes > s.smem + s.smem_size) throw std::runtime_error(std::string(what) + ": outside shared memory");
-  if (reinterpret_cast<uintptr_t>(p) % 16) throw std::runtime_error(std::string(what) + ": not 16-byte aligned");
+  if (reinterpret_cast<uintptr_t>(p) % align) {
+    throw std::runtime_error(std::string(what) + ": not " + std::to_string(align) + "-byte aligned");
+  }
 }
 
 template <class F>
@@ -129,6 +156,8 @@ void run(unsigned grid, unsigned block, size_t smem, F fn) {
   for (unsigned b = 0; b < grid; ++b) {
     s.bid = make_uint3(b, 0, 0);
     std::memset(s.smem, 0xff, smem);
+    s.bars.clear();
+    unsigned long spin_mark = ~0ul;
     s.groups.assign(block, {});
     s.open.assign(block, {});
     for (unsigned t = 0; t < block; ++t) {
@@ -145,11 +174,17 @@ void run(unsigned grid, unsigned block, size_t smem, F fn) {
         if (s.done[t] || s.waiting[t]) continue;
         s.cur = static_cast<int>(t);
         swapcontext(&s.sched, &s.ctx[t]);
+        if (!s.error.empty()) {
+          const std::string e = s.error;
+          s.error.clear();
+          throw std::runtime_error(e);
+        }
       }
-      unsigned n_done = 0, n_bar = 0;
+      unsigned n_done = 0, n_bar = 0, n_spin = 0;
       for (unsigned t = 0; t < block; ++t) {
         n_done += s.done[t];
         n_bar += s.waiting[t] && s.kind[t] == kBarrier;
+        n_spin += s.waiting[t] && s.kind[t] == kSpin;
       }
       if (n_done == block) break;
       if (n_bar > 0 && n_done > 0) throw std::runtime_error("__syncthreads reached after some threads returned");
@@ -173,6 +208,14 @@ void run(unsigned grid, unsigned block, size_t smem, F fn) {
           }
         }
       }
+      if (n_spin > 0) {  // spinners look again next round, as long as something changes
+        if (!released && s.progress == spin_mark) throw std::runtime_error("deadlock: mbarrier waits that never complete");
+        spin_mark = s.progress;
+        for (unsigned t = 0; t < block; ++t) {
+          if (s.waiting[t] && s.kind[t] == kSpin) s.waiting[t] = false;
+        }
+        released = true;
+      }
       if (!released) throw std::runtime_error("deadlock: threads wait at a barrier that cannot complete");
       ++s.gen;
       ++s.syncs;
@@ -191,6 +234,10 @@ void run(unsigned grid, unsigned block, size_t smem, F fn) {
 #define gridDim (emu::st().gdim)
 
 inline void __syncthreads() { emu::rendezvous(emu::kBarrier); }
+inline void __syncwarp() {
+  const uint64_t none = 0;
+  emu::exchange(&none, 1);
+}
 inline float __shfl_xor_sync(unsigned, float v, int o) {
   uint64_t w = 0;
   std::memcpy(&w, &v, 4);
@@ -348,6 +395,102 @@ template <typename T>
 inline void wgmma_rs_n128(float (&d)[16][4], const uint32_t (&a)[4], uint64_t db, bool acc) {
   wgmma_emulated<T, 128>(d, a, 0, db, acc, true);
 }
+
+// ---- TMA and mbarriers -------------------------------------------------------------------------------------------
+// An emulated tensor map: what make_tensor_map_5d was given, in the 128 bytes of a CUtensorMap.
+struct EmuMap {
+  const unsigned char* base;
+  uint64_t dims[5];
+  uint64_t strides[4];  // bytes, dims 1..4
+  uint32_t box[5];
+  uint32_t elem;
+};
+static_assert(sizeof(EmuMap) <= sizeof(CUtensorMap), "an emulated map fits a CUtensorMap");
+
+inline CUtensorMap make_tensor_map_5d(const void* base, int dtype, const uint64_t (&dims)[5],
+                                      const uint64_t (&strides)[4], const uint32_t (&box)[5]) {
+  (void)dtype;
+  EmuMap e{static_cast<const unsigned char*>(base), {}, {}, {}, 2};
+  for (int i = 0; i < 5; ++i) {
+    e.dims[i] = dims[i];
+    e.box[i] = box[i];
+    if (box[i] == 0 || box[i] > 256 || box[i] > dims[i] * 256) throw std::runtime_error("tensor map: bad box");
+  }
+  for (int i = 0; i < 4; ++i) {
+    e.strides[i] = strides[i];
+    if (strides[i] % 16 || strides[i] >= (uint64_t{1} << 40)) throw std::runtime_error("tensor map: bad stride");
+  }
+  if (reinterpret_cast<uintptr_t>(base) % 16 || box[0] * 2 % 16) throw std::runtime_error("tensor map: alignment");
+  CUtensorMap m;
+  std::memset(&m, 0, sizeof(m));
+  std::memcpy(&m, &e, sizeof(e));
+  return m;
+}
+
+inline void mbar_init(uint64_t* bar, uint32_t count) {
+  emu::check_smem(bar, 8, "mbarrier", 8);
+  emu::st().bars[bar] = {count, count, 0, 0};
+  ++emu::st().progress;
+}
+inline void mbar_init_fence() {}
+inline emu::Bar& bar_of(uint64_t* bar) {
+  auto it = emu::st().bars.find(bar);
+  if (it == emu::st().bars.end()) throw std::runtime_error("mbarrier used before mbarrier.init");
+  return it->second;
+}
+inline void bar_check(emu::Bar& b) {
+  if (b.pending == 0 && b.tx == 0) {
+    ++b.phase;
+    b.pending = b.count;
+  }
+  ++emu::st().progress;
+}
+inline void mbar_arrive(uint64_t* bar) {
+  emu::Bar& b = bar_of(bar);
+  if (b.pending == 0) throw std::runtime_error("mbarrier: more arrivals than expected");
+  --b.pending;
+  bar_check(b);
+}
+inline void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  bar_of(bar).tx += bytes;
+  mbar_arrive(bar);
+}
+inline void mbar_wait(uint64_t* bar, uint32_t parity) {
+  while ((bar_of(bar).phase & 1) == parity) emu::rendezvous(emu::kSpin);
+}
+// The box at c of a map, copied in box order (dimension 0 fastest) into dst; elements outside the tensor are 0.
+inline void tma_load_5d(void* dst, const CUtensorMap* map, int c0, int c1, int c2, int c3, int c4, uint64_t* bar) {
+  EmuMap e;
+  std::memcpy(&e, map, sizeof(e));
+  if (reinterpret_cast<uintptr_t>(dst) % 128) throw std::runtime_error("TMA destination not 128-byte aligned");
+  const int c[5] = {c0, c1, c2, c3, c4};
+  const uint64_t n = uint64_t{e.box[0]} * e.box[1] * e.box[2] * e.box[3] * e.box[4];
+  emu::check_smem(dst, n * e.elem, "TMA destination");
+  auto* out = static_cast<unsigned char*>(dst);
+  for (uint64_t idx = 0; idx < n; ++idx) {
+    uint64_t rest = idx, off = 0;
+    bool inside = true;
+    for (int d = 0; d < 5; ++d) {
+      const int64_t x = c[d] + static_cast<int64_t>(rest % e.box[d]);
+      rest /= e.box[d];
+      inside = inside && x >= 0 && static_cast<uint64_t>(x) < e.dims[d];
+      off += d == 0 ? x * e.elem : x * e.strides[d - 1];
+    }
+    if (inside) {
+      std::memcpy(out + idx * e.elem, e.base + off, e.elem);
+    } else {
+      std::memset(out + idx * e.elem, 0, e.elem);
+    }
+  }
+  emu::Bar& b = bar_of(bar);
+  b.tx -= static_cast<int64_t>(n * e.elem);
+  bar_check(b);
+}
+
+template <int N>
+inline void setmaxnreg_dec() {}
+template <int N>
+inline void setmaxnreg_inc() {}
 
 inline void cp_async16(void* dst, const void* src, bool full) {
   emu::check_smem(dst, 16, "cp.async destination");

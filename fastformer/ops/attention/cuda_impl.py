@@ -63,7 +63,8 @@ def _tail(a: AttentionArgs, inputs: tuple, more_strides: list[int]) -> tuple:
     """The arguments both launchers take after their tensors, in the flat form csrc/ops.h documents: the
     :func:`_inputs` pointers (the caller keeps them alive), dims, strides (q, k, v, lse, mask, then
     ``more_strides``), flags, dropout and dtype (the stream goes last, after the forward's kernel choice)."""
-    dims = [a.batch, a.h, a.hkv, a.sq, a.sk, a.d, a.drop_stride, int(a.varlen)]
+    tokens = (a.q.shape[0], a.k.shape[0]) if a.varlen else (a.q.shape[1], a.k.shape[1])
+    dims = [a.batch, a.h, a.hkv, a.sq, a.sk, a.d, a.drop_stride, int(a.varlen), *tokens]
     strides = [*a.strides(a.q, a.k, a.v), *a.lse_strides(), *a.mask_strides(inputs[0]), *more_strides]
     seed, thresh, _ = dropout.kernel_args(a.dropout_p, a.seed)
     flags = (bool(a.causal), float(a.scale), seed, float(a.dropout_p), thresh)
