@@ -305,14 +305,16 @@ __device__ __forceinline__ void load_kv(const Params& p, int64_t b, int64_t hk, 
 }
 
 // One key tile of the forward's online softmax for this lane's rows g and g + 8 (C layout), shared by the mma.sync and
-// wgmma kernels. sc holds the tile's raw scores (NB tiles of 8 keys); on return it holds the probabilities times their dropout factors
-// (keep_scale or 0), m the running row maxima (log2 units), l this lane's partial normalisers (counting dropped
-// probabilities too) and o is rescaled to the new maxima. bias (0 or -inf per key, nullptr when the tile needs no
-// masking) and the causal test apply per element; row is this lane's first row within the block, row0 its lse row.
-template <int NB, int DN>
-__device__ __forceinline__ void softmax_step(const Params& p, float (&sc)[NB][4], float (&o)[DN][4], float (&m)[2],
-                                             float (&l)[2], const float* bias, int row, int diag, int64_t row0,
-                                             int64_t n0) {
+// wgmma kernels. sc holds the tile's raw scores (NB tiles of 8 keys); on return it holds the probabilities times
+// their dropout factors (keep_scale or 0), m the running row maxima (log2 units), l this lane's partial normalisers
+// (counting dropped probabilities too), and alpha the factors the output accumulator must be rescaled by before
+// this tile's P V is added (softmax_step does it at once; the TMA forward later, while its P V of the previous tile
+// runs). bias (0 or -inf per key, nullptr when the tile needs no masking) and the causal test apply per element;
+// row is this lane's first row within the block, row0 its lse row.
+template <int NB>
+__device__ __forceinline__ void softmax_scores(const Params& p, float (&sc)[NB][4], float (&m)[2], float (&l)[2],
+                                               float (&alpha)[2], const float* bias, int row, int diag,
+                                               int64_t row0, int64_t n0) {
   const int t = threadIdx.x & 3;
   const float c = p.scale * kLog2e;  // scores in log2 units
   float mx[2] = {-INFINITY, -INFINITY};
@@ -330,7 +332,7 @@ __device__ __forceinline__ void softmax_step(const Params& p, float (&sc)[NB][4]
       mx[e >> 1] = fmaxf(mx[e >> 1], x);
     }
   }
-  float alpha[2], base[2];
+  float base[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
@@ -340,11 +342,6 @@ __device__ __forceinline__ void softmax_step(const Params& p, float (&sc)[NB][4]
     alpha[r] = exp2f(m[r] - base[r]);
     m[r] = m_new;
     l[r] *= alpha[r];
-  }
-#pragma unroll
-  for (int nb = 0; nb < DN; ++nb) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) o[nb][e] *= alpha[e >> 1];
   }
   const uint32_t kept = p.dropout ? keep_bits_q(p, row0, row0 + 8, n0) : ~0u;
 #pragma unroll
@@ -356,6 +353,24 @@ __device__ __forceinline__ void softmax_step(const Params& p, float (&sc)[NB][4]
       sc[nb][e] = (kept >> (nb * 4 + e)) & 1u ? pr * p.keep_scale : 0.f;
     }
   }
+}
+
+template <int DN>
+__device__ __forceinline__ void rescale(float (&o)[DN][4], const float (&alpha)[2]) {
+#pragma unroll
+  for (int nb = 0; nb < DN; ++nb) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[nb][e] *= alpha[e >> 1];
+  }
+}
+
+template <int NB, int DN>
+__device__ __forceinline__ void softmax_step(const Params& p, float (&sc)[NB][4], float (&o)[DN][4], float (&m)[2],
+                                             float (&l)[2], const float* bias, int row, int diag, int64_t row0,
+                                             int64_t n0) {
+  float alpha[2];
+  softmax_scores(p, sc, m, l, alpha, bias, row, diag, row0, n0);
+  rescale(o, alpha);
 }
 
 // The forward's end: reduce l over the quad, write lse (natural log; +inf for rows that saw no key) and O / l through
@@ -582,12 +597,12 @@ __global__ void __launch_bounds__(kWgThreads, 1) attn_fwd_wgmma_kernel(Params p,
 // ring, each stage guarded by two mbarriers: `full` (the copies' bytes have landed and the stage's key bias is
 // written: 1 arrival with the byte count plus the bias writers') and `empty` (each of the 8 consumer warps is done
 // with it). Consumers take the registers the producer gave back, wait on `full`, run S = Q K^T, the online softmax
-// and O += P V on wgmma exactly as the wgmma forward does, then arrive on `empty`: while they compute one tile the
-// TMA unit is already filling the other stage. The tensor maps view q/k/v as 5-D (8 elements, token, head dim / 8,
+// and O += P V on wgmma, then arrive on `empty`: while they compute one tile the TMA unit is already filling the
+// other stage, and each consumer overlaps its P V of one tile with the softmax of the next (see the loop). The tensor maps view q/k/v as 5-D (8 elements, token, head dim / 8,
 // head, batch) so that a box (8, rows, D / 8, 1, 1) lands in shared memory as the core-matrix tile wgmma reads;
 // tokens past the tensor arrive as zeros. O is written from registers (each quad of lanes stores 16 contiguous
 // bytes) so the two consumer warpgroups never wait for each other.
-// Not done: the ping-pong of the two consumers' softmax and matmuls, and swizzled (128-byte) layouts.
+// Not done: the ping-pong scheduling of the two consumers against each other, and swizzled (128-byte) layouts.
 constexpr int kTmaThreads = 384;
 
 struct TmaMaps {
@@ -663,15 +678,9 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
   float o[D / 8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   zero(o);
   const T* q_wg = qs + wg * 64 * 8;
-  mbar_wait(q_full, 0);
-  for (int it = 0; it < n_tiles; ++it) {
-    const int st = it & 1;
-    const int64_t n0 = static_cast<int64_t>(it) * kKeys;
-    mbar_wait(full + st, (it >> 1) & 1);
-    const T* kt = ks + st * kKeys * D;
-    const T* vt = vs + st * kKeys * D;
-    float sc[kKeys / 8][4];
-    zero(sc);
+  // S = Q K^T of tile `it` into sc, issued (not waited for)
+  auto issue_s = [&](int it, float (&sc)[kKeys / 8][4]) {
+    const T* kt = ks + (it & 1) * kKeys * D;
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -680,16 +689,34 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
       wgmma_ss_n64<T>(sc, da, db, kk > 0);
     }
     wgmma_commit();
+  };
+  // the softmax of tile `it` (its S waited for): P into pf, the rescale of O it needs into alpha
+  auto softmax = [&](int it, float (&sc)[kKeys / 8][4], uint32_t (&pf)[kKeys / 16][4], float (&alpha)[2]) {
+    const int64_t n0 = static_cast<int64_t>(it) * kKeys;
+    const float* bt = tile_masked(p, s, qt.m0, n0, kKeys) ? bias + (it & 1) * kKeys : nullptr;
+    softmax_scores(p, sc, m, l, alpha, bt, warp * 16 + g, causal_diag(qt.m0, n0, off), row0, n0);
+    acc_to_a<T, kKeys>(pf, sc);
+  };
+  // Software pipeline (FlashAttention-3's intra-warpgroup overlap): while O += P V of tile `it` runs on the tensor
+  // cores, S of tile it + 1 is waited for and its softmax computed; O is rescaled only once P V is done.
+  float sc[kKeys / 8][4];
+  uint32_t pf[kKeys / 16][4];
+  float alpha[2];
+  zero(sc);
+  mbar_wait(q_full, 0);
+  if (n_tiles > 0) {
+    mbar_wait(full, 0);
+    issue_s(0, sc);
     wgmma_wait<0>();
     wgmma_hold(sc);
-    const bool masked = tile_masked(p, s, qt.m0, n0, kKeys);
-    softmax_step(p, sc, o, m, l, masked ? bias + st * kKeys : nullptr, warp * 16 + g, causal_diag(qt.m0, n0, off),
-                 row0, n0);
-    uint32_t pf[kKeys / 16][4];
-    acc_to_a<T, kKeys>(pf, sc);
+    softmax(0, sc, pf, alpha);  // O is still zero: nothing to rescale
+  }
+  // O += P V of tile `it`, issued
+  auto issue_pv = [&](int it) {
+    const T* vt = vs + (it & 1) * kKeys * D;
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kKeys / 16; ++kk) {
+    for (int kk = 0; kk < kKeys / 16; ++kk) {  // 16 keys per step
       const uint64_t db = wgmma_desc(vt + kk * 2 * 64, 128, kKeys * 16);
       if constexpr (D == 64) {
         wgmma_rs_n64<T>(o, pf[kk], db, true);
@@ -698,10 +725,37 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
       }
     }
     wgmma_commit();
+  };
+  auto release = [&](int it) {  // this warp is done with tile it's stage
+    __syncwarp();
+    if ((threadIdx.x & 31) == 0) mbar_arrive(empty + (it & 1));
+  };
+  // every iteration but the last has a next tile: straight-line code lets ptxas see that the S group it waits for
+  // (wait_group 1) is complete, rather than serialising the wgmmas
+  for (int it = 0; it + 1 < n_tiles; ++it) {
+    mbar_wait(full + ((it + 1) & 1), ((it + 1) >> 1) & 1);
+    issue_s(it + 1, sc);  // overwrites sc: its first wgmma does not accumulate
+    issue_pv(it);
+    uint32_t pf_next[kKeys / 16][4];
+    float alpha_next[2];
+    wgmma_wait<1>();  // S of tile it + 1 (groups complete in order; P V may still run)
+    wgmma_hold(sc);
+    softmax(it + 1, sc, pf_next, alpha_next);
     wgmma_wait<0>();
     wgmma_hold(o);
-    __syncwarp();
-    if ((threadIdx.x & 31) == 0) mbar_arrive(empty + st);
+    release(it);
+    rescale(o, alpha_next);
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) pf[kk][u] = pf_next[kk][u];
+    }
+  }
+  if (n_tiles > 0) {
+    issue_pv(n_tiles - 1);
+    wgmma_wait<0>();
+    wgmma_hold(o);
+    release(n_tiles - 1);
   }
   // O / l straight from registers, and lse
   const int t = threadIdx.x & 3;

@@ -153,6 +153,8 @@ CASES = [
     (1, 97, 129, 4, 2, 128, torch.bfloat16, True, True),  # GQA, Sq < Sk, several key tiles
     (2, 129, 97, 2, 1, 64, torch.bfloat16, True, False),  # Sq > Sk: the first rows see no key
     (1, 40, 65, 3, 1, 128, torch.float16, False, True),  # MQA across a tile edge
+    (1, 70, 300, 2, 1, 64, torch.float16, False, False),  # five key tiles: both pipeline stages, twice
+    (1, 200, 200, 1, 1, 128, torch.bfloat16, True, False),  # causal over several tiles, two query blocks
 ]
 
 
@@ -167,14 +169,15 @@ def test_emulated_matches_reference(b, sq, sk, h, hkv, d, dtype, causal, masked)
     _check(_args(q, k, v, mask, causal=causal))
 
 
-@pytest.mark.parametrize("p,causal,d", [(0.3, True, 64), (0.1, False, 128)])
+@pytest.mark.parametrize("p,causal,d,masked", [(0.3, True, 64, True), (0.1, False, 128, False)])
 @pytest.mark.usefixtures("emulated")
-def test_emulated_dropout_drops_the_reference_elements(p, causal, d):
+def test_emulated_dropout_drops_the_reference_elements(p, causal, d, masked):
     """Exact mode: the kernels' keep decisions are the torch backend's (and the Triton kernels'), forward and
     backward, or the float64 comparison fails by O(1)."""
     q, k, v = _qkv(1, 65, 70, 2, 1, d, torch.float16)
-    mask = torch.ones(1, 70, dtype=torch.bool)
-    mask[0, 3] = False
+    mask = torch.ones(1, 70, dtype=torch.bool) if masked else None
+    if masked:
+        mask[0, 3] = False
     with dropout.exact_dropout(True):
         seed = dropout.new_seed(p)
     _check(_args(q, k, v, mask, causal=causal, p=p, seed=seed))
