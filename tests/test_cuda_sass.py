@@ -27,7 +27,9 @@ binary (an extension, an object file, a cubin), so a candidate kernel can be che
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -142,3 +144,21 @@ def test_attention_kernels_use_tensor_cores_without_spills(built, arch):
     print("\n" + report)
     wrong = attention_problems(found, wgmma=arch == "sm_90" and "90a" in _build.archs())
     assert not wrong, "\n".join(wrong) + "\n\n" + report
+
+
+def test_wgmma_pipelines_are_not_serialised():
+    """ptxas -v on the sm_90a attention: no C7514 ("wgmma.mma_async instructions are serialized"), which ptxas reports
+    when it cannot prove that registers an in-flight wgmma writes are left alone (it then waits after every wgmma,
+    and the TMA forward's overlap of one tile's P V with the next tile's softmax is gone)."""
+    nvcc = _build.find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    src = _build.source_dir()
+    cmd = [nvcc, "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-gencode", "arch=compute_90a,code=sm_90a"]
+    cmd += ["-DFF_HAVE_SM90A", "-Xptxas", "-v", f"-I{src}", "-cubin", "-o", os.devnull, str(src / "attention.cu")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = proc.stdout + proc.stderr
+    assert "attn_fwd_tma_kernel" in report, "ptxas -v printed nothing about the TMA forward"
+    serialised = [line for line in report.splitlines() if "C7514" in line]
+    assert not serialised, "\n".join(serialised)
