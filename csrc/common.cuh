@@ -89,6 +89,12 @@ __device__ __forceinline__ int64_t opaque(int64_t x) {
   return x;
 }
 
+// One 16-byte global store of four words. In PTX: NVVM splits a plain uint4 store into four 4-byte ones inside
+// some loops; the memory clobber keeps later loads of the same address after the store.
+__device__ __forceinline__ void store_global16(void* p, uint32_t w0, uint32_t w1, uint32_t w2, uint32_t w3) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w0), "r"(w1), "r"(w2), "r"(w3) : "memory");
+}
+
 // The block's dynamic shared memory, 16-byte aligned.
 __device__ __forceinline__ unsigned char* dynamic_smem() {
   extern __shared__ __align__(16) unsigned char ff_dynamic_smem[];

@@ -177,13 +177,13 @@ unsigned grid_for(int64_t work) {
   return static_cast<unsigned>(blocks < 65536 ? (blocks > 0 ? blocks : 1) : 65536);
 }
 
-// One elementwise pass over (rows, cols): calls launch(tag, vec, grid, stream, ep) with `tag` a null const T* of
+// One elementwise pass over (rows, cols): calls run(tag, vec, grid, stream, ep) with `tag` a null const T* of
 // the dtype's type and vec.value the elements per vector access: 16 bytes' worth when cols (a vector must not
 // cross a row: dropout and the bias are indexed by column) is a multiple of it and every pointer in `ptrs` is
 // 16-byte aligned (0, an absent buffer, is), else 1 (chunks of four elements then).
-template <typename Launch>
+template <typename Run>
 void launch_elementwise(int64_t rows, int64_t cols, std::initializer_list<uintptr_t> ptrs, int act, uint64_t seed,
-                        double p, uint32_t thresh24, int dtype, uintptr_t stream, Launch launch) {
+                        double p, uint32_t thresh24, int dtype, uintptr_t stream, Run run) {
   if (rows * cols == 0) return;
   const Epilogue ep{act, seed, thresh24, static_cast<float>(1.0 / (1.0 - p)), p > 0.0};
   const auto s = reinterpret_cast<cudaStream_t>(stream);
@@ -193,11 +193,10 @@ void launch_elementwise(int64_t rows, int64_t cols, std::initializer_list<uintpt
     for (const uintptr_t q : ptrs) vec = vec && aligned16(q);
     const T* tag = nullptr;
     if (vec) {
-      launch(tag, std::integral_constant<int, kVec>{}, grid_for(rows * (cols / kVec)), s, ep);
+      run(tag, std::integral_constant<int, kVec>{}, grid_for(rows * (cols / kVec)), s, ep);
     } else {
-      launch(tag, std::integral_constant<int, 1>{}, grid_for(rows * ((cols + 3) / 4)), s, ep);
+      run(tag, std::integral_constant<int, 1>{}, grid_for(rows * ((cols + 3) / 4)), s, ep);
     }
-    FF_LAUNCH_CHECK();
   });
 }
 
@@ -212,9 +211,9 @@ void ffn_bias_act_fwd(uintptr_t z, uintptr_t bias, uintptr_t y, int store_pre, i
   launch_elementwise(rows, cols, {z, bias, y}, act, seed, p, thresh24, dtype, stream,
                      [&](auto tag, auto vec, unsigned grid, cudaStream_t s, const Epilogue& ep) {
                        using T = Elem<decltype(tag)>;
-                       bias_act_fwd_kernel<T, decltype(vec)::value><<<grid, kThreads, 0, s>>>(
-                           reinterpret_cast<T*>(z), reinterpret_cast<const T*>(bias), reinterpret_cast<T*>(y),
-                           store_pre != 0, rows, cols, ep);
+                       launch(bias_act_fwd_kernel<T, decltype(vec)::value>, grid, kThreads, 0, s,
+                              reinterpret_cast<T*>(z), reinterpret_cast<const T*>(bias), reinterpret_cast<T*>(y),
+                              store_pre != 0, rows, cols, ep);
                      });
 }
 
@@ -225,9 +224,8 @@ void ffn_act_bwd(uintptr_t g, uintptr_t pre, uintptr_t h, int64_t rows, int64_t 
   launch_elementwise(rows, cols, {g, pre, h}, act, seed, p, thresh24, dtype, stream,
                      [&](auto tag, auto vec, unsigned grid, cudaStream_t s, const Epilogue& ep) {
                        using T = Elem<decltype(tag)>;
-                       act_bwd_kernel<T, decltype(vec)::value><<<grid, kThreads, 0, s>>>(
-                           reinterpret_cast<T*>(g), reinterpret_cast<const T*>(pre), reinterpret_cast<T*>(h),
-                           rows, cols, ep);
+                       launch(act_bwd_kernel<T, decltype(vec)::value>, grid, kThreads, 0, s, reinterpret_cast<T*>(g),
+                              reinterpret_cast<const T*>(pre), reinterpret_cast<T*>(h), rows, cols, ep);
                      });
 }
 

@@ -129,11 +129,7 @@ __device__ __forceinline__ Pack<T, Io::kVec> load_pack(const T* p, int avail) {
 template <typename Io, typename T>
 __device__ __forceinline__ void store_pack(T* p, int avail, const Pack<T, Io::kVec>& v) {
   if constexpr (Io::kVector) {
-    // in PTX: NVVM splits a plain uint4 store into four 4-byte ones inside some loops (the *_long kernels). The
-    // memory clobber keeps later loads of the same address (the long forward re-reads res_out) after the store.
-    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.w[0]), "r"(v.w[1]), "r"(v.w[2]),
-                 "r"(v.w[3])
-                 : "memory");
+    store_global16(p, v.w[0], v.w[1], v.w[2], v.w[3]);  // one st.global.v4 (the long forward re-reads res_out)
   } else {
 #pragma unroll
     for (int e = 0; e < Io::kVec; ++e) {
@@ -605,9 +601,9 @@ void launch_fwd(LnArgs<T> a, cudaStream_t stream) {
     a.team = static_cast<int>(team);
     const int block = team > kThreads ? static_cast<int>(team) : kThreads;
     const int64_t per_block = block / team;
-    layer_norm_fwd_rows_kernel<T, Io><<<blocks((a.rows + per_block - 1) / per_block), block, 0, stream>>>(a);
+    launch(layer_norm_fwd_rows_kernel<T, Io>, blocks((a.rows + per_block - 1) / per_block), block, 0, stream, a);
   } else {
-    layer_norm_fwd_long_kernel<T, Io><<<blocks(a.rows), kMaxThreads, 0, stream>>>(a);
+    launch(layer_norm_fwd_long_kernel<T, Io>, blocks(a.rows), kMaxThreads, 0, stream, a);
   }
 }
 
@@ -619,9 +615,10 @@ void launch_bwd(LnBwdArgs<T> a, int64_t partial_rows, cudaStream_t stream) {
     const int block = team > kThreads ? static_cast<int>(team) : kThreads;
     const int64_t per_block = block / team, needed = (a.rows + per_block - 1) / per_block;
     // at most one block per partial row (more would be idle anyway); rows of blocks not launched stay zero
-    layer_norm_bwd_rows_kernel<T, Io><<<blocks(needed < partial_rows ? needed : partial_rows), block, 0, stream>>>(a);
+    launch(layer_norm_bwd_rows_kernel<T, Io>, blocks(needed < partial_rows ? needed : partial_rows), block, 0, stream,
+           a);
   } else {
-    layer_norm_bwd_long_kernel<T, Io><<<blocks(partial_rows), kMaxThreads, 0, stream>>>(a);
+    launch(layer_norm_bwd_long_kernel<T, Io>, blocks(partial_rows), kMaxThreads, 0, stream, a);
   }
 }
 
@@ -652,7 +649,6 @@ void layer_norm_fwd(uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t
     } else {
       launch_fwd<T, Scalar4>(a, st);
     }
-    FF_LAUNCH_CHECK();
   });
 }
 
@@ -677,7 +673,6 @@ void layer_norm_bwd(uintptr_t dy, uintptr_t dres_out, uintptr_t s, uintptr_t wei
     } else {
       launch_bwd<T, Scalar4>(a, partial_rows, st);
     }
-    FF_LAUNCH_CHECK();
   });
 }
 

@@ -1,7 +1,7 @@
-"""The CUDA C++ attention kernels (csrc/attention.cu) run on the CPU through a host emulation, against float64.
+"""The CUDA C++ kernels (csrc/attention.cu, layer_norm.cu, ffn.cu) run on the CPU through a host emulation.
 
-CI has no GPU, so the tensor-core kernels would otherwise be checked only by the compiler. Here g++ compiles
-csrc/attention.cu unchanged with tests/emulation/cuda_host.h forced in first: threads of a block become cooperative
+CI has no GPU, so these kernels would otherwise be checked only by the compiler. Here g++ compiles the .cu files
+unchanged with tests/emulation/cuda_host.h forced in first: threads of a block become cooperative
 contexts, and mma.sync, ldmatrix, cp.async and shuffles are emulated from the PTX ISA's fragment layouts (the
 header says how, and what it checks: stale reads of tiles before their cp.async wait, reads of unwritten shared
 memory, misaligned or out-of-bounds ldmatrix and cp.async, divergent barriers). The launcher in
@@ -10,7 +10,9 @@ every case runs with each forward kernel, mma.sync (sm_80) and wgmma (sm_90a, op
 descriptors as the header emulates them).
 
 Numbers follow the project's rule: |ours - ref64| <= 2 |torch in the same dtype - ref64| + atol, forward and every
-gradient, with dropout masks shared through the exact (Philox) mode. What emulation cannot show (speed, real
+gradient, with dropout masks shared through the exact (Philox) mode. The LayerNorm cases cover the vector and scalar
+paths, a row per team of threads and the long-row kernels, several partial dW/dB rows; the FFN cases every
+activation with and without dropout. What emulation cannot show (speed, real
 hardware ordering, the compiled PTX) is the GPU check's and tests/test_cuda_sass.py's.
 
 Needs g++ and CUDA's headers (the toolkit's, or the copy in Triton's package); skipped without them.
@@ -63,10 +65,10 @@ def lib() -> ctypes.CDLL:
     if cxx is None or inc is None:
         pytest.skip("g++ or CUDA's headers (toolkit or Triton's copy) not found: cannot build the emulation")
     src = _build.source_dir()
-    files = [src / "attention.cu", EMU / "capi.cpp"]
+    files = [src / "attention.cu", src / "layer_norm.cu", src / "ffn.cu", EMU / "capi.cpp"]
     deps = files + sorted(p for p in src.iterdir() if p.suffix in (".cuh", ".h")) + [EMU / "cuda_host.h"]
     key = hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in deps)).hexdigest()[:16]
-    target = _build.cache_dir() / "emulation" / f"attention-{key}.so"
+    target = _build.cache_dir() / "emulation" / f"kernels-{key}.so"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(f".{os.getpid()}.tmp")
@@ -100,6 +102,29 @@ class _Emulated:
     def attention_bwd(self, *args):
         *ptrs, dims, strides, causal, scale, seed, p, thresh, dtype, _stream = args
         self._call(self.lib.emu_attention_bwd, ptrs, dims, strides, causal, scale, seed, p, thresh, dtype)
+
+    def _plain(self, fn, args, types):
+        """fn(*args, err) with each argument converted by its ctypes type, the stream (last) dropped."""
+        err = ctypes.create_string_buffer(512)
+        fn(*(t(a) for t, a in zip(types, args[:-1], strict=True)), err)
+        if err.value:
+            raise RuntimeError(err.value.decode())
+
+    def layer_norm_fwd(self, *args):
+        u, i, d = ctypes.c_uint64, ctypes.c_int64, ctypes.c_double
+        self._plain(self.lib.emu_layer_norm_fwd, args, [u] * 8 + [i] * 4 + [d, u, d, ctypes.c_uint32, int])
+
+    def layer_norm_bwd(self, *args):
+        u, i, d = ctypes.c_uint64, ctypes.c_int64, ctypes.c_double
+        self._plain(self.lib.emu_layer_norm_bwd, args, [u] * 10 + [i] * 3 + [u, d, ctypes.c_uint32, int])
+
+    def ffn_bias_act_fwd(self, *args):
+        u, i, d = ctypes.c_uint64, ctypes.c_int64, ctypes.c_double
+        self._plain(self.lib.emu_ffn_bias_act_fwd, args, [u, u, u, int, i, i, int, u, d, ctypes.c_uint32, int])
+
+    def ffn_act_bwd(self, *args):
+        u, i, d = ctypes.c_uint64, ctypes.c_int64, ctypes.c_double
+        self._plain(self.lib.emu_ffn_act_bwd, args, [u, u, u, i, i, int, u, d, ctypes.c_uint32, int])
 
 
 @pytest.fixture(params=["mma", "wgmma"])
@@ -237,3 +262,99 @@ def test_cuda_backend_reasons():
     assert "64 or 128" in cuda_impl.reason(torch.empty(1, 1, 1, 80, dtype=torch.float16))
     assert "float16 or bfloat16" in cuda_impl.reason(torch.empty(1, 1, 1, 64))
     assert cuda_impl.reason(torch.empty(1, 1, 1, 128, dtype=torch.bfloat16)) is None
+
+
+# ---- LayerNorm and the FFN epilogues ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def emulated_elementwise(lib, monkeypatch):
+    """The emulated kernels in place of fastformer._C for the LayerNorm and FFN launchers."""
+    monkeypatch.setattr(_ext, "load", lambda: _Emulated(lib))
+    monkeypatch.setattr(utils, "stream_handle", lambda _device: 0)
+
+
+LN_CASES = [
+    # rows, n, dtype, residual, dropout p, affine, layout, sm_count (1 or 2: one or several dW/dB partial rows)
+    (5, 7, torch.float16, False, 0.0, False, "contig", 1),  # scalar packs, several rows per warp
+    (3, 768, torch.bfloat16, True, 0.1, True, "contig", 2),  # 16-byte packs, a team per row
+    (37, 96, torch.float32, True, 0.3, True, "contig", 1),  # many rows per block, the persistent backward loops
+    (9, 1001, torch.float16, False, 0.2, True, "stride3", 2),  # odd width and row stride: the scalar path
+    (9, 768, torch.bfloat16, False, 0.0, True, "offset", 2),  # a base off 16 bytes: the scalar path
+    (3, 8200, torch.float16, True, 0.1, True, "contig", 1),  # past the row-in-registers limit: the long kernels
+    (2, 20003, torch.float32, True, 0.0, False, "contig", 2),
+]
+
+
+@pytest.mark.parametrize("rows,n,dtype,residual,p,affine,layout,sm", LN_CASES)
+@pytest.mark.usefixtures("emulated_elementwise")
+def test_emulated_layer_norm(rows, n, dtype, residual, p, affine, layout, sm, monkeypatch):
+    from fastformer.ops.layer_norm import cuda_impl as ln_cuda
+    from fastformer.ops.layer_norm import torch_impl as ln_torch
+    from fastformer.ops.layer_norm.op import LayerNormArgs
+
+    monkeypatch.setattr(utils, "sm_count", lambda _device: sm)
+    gen = torch.Generator().manual_seed(rows * 1000 + n)
+    extra = {"contig": 0, "stride3": 3, "offset": 0}[layout]
+    offset = 1 if layout == "offset" else 0
+    flat = (torch.randn(rows * (n + extra) + offset, generator=gen) * 2 + 0.5).to(dtype)
+    x = flat[offset:].view(rows, n + extra)[:, :n]
+    r = torch.randn(rows, n, generator=gen).to(dtype) if residual else None
+    w = (torch.randn(n, generator=gen) * 0.5 + 1).to(dtype) if affine else None
+    b = (torch.randn(n, generator=gen) * 0.5).to(dtype) if affine else None
+    with dropout.exact_dropout(True):
+        seed = dropout.new_seed(p)
+
+    def args(t):
+        return LayerNormArgs(t(w) if affine else None, t(b) if affine else None, n, 1e-5, p, seed, "cuda")
+
+    def hi(t):
+        return t.double() if t is not None else None
+
+    a, a64 = args(lambda t: t), args(hi)
+    y, s_out, mean, rstd = ln_cuda.fwd(a, x, r)
+    y64, s64, mean64, rstd64 = ln_torch.fwd(a64, hi(x), hi(r))
+    ypt, spt, meanpt, rstdpt = ln_torch.fwd(a, x, r)
+    testing.assert_close_2x("y", y, y64, ypt)
+    if a.stores_s(r):
+        assert torch.equal(s_out, spt), "the stored dropout(x) + residual differs from torch's"
+    s2 = s_out if a.stores_s(r) else x
+    dy = torch.randn(rows, n, generator=gen).to(dtype)
+    dso = torch.randn(rows, n, generator=gen).to(dtype) if a.stores_s(r) else None
+    got = ln_cuda.bwd(a, dy, dso, s2, mean, rstd, residual)
+    ref = ln_torch.bwd(a64, hi(dy), hi(dso), hi(s2), mean64, rstd64, residual)
+    pt = ln_torch.bwd(a, dy, dso, s2.contiguous(), meanpt, rstdpt, residual)
+    for name, g, g64, gpt, used in zip(("dx", "dres", "dw", "db"), got, ref, pt, (True, residual, affine, affine)):
+        if used:
+            testing.assert_close_2x(name, g, g64, gpt)
+
+
+@pytest.mark.parametrize("act", ["none", "gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize(
+    "dtype,cols,p", [(torch.float16, 136, 0.1), (torch.bfloat16, 131, 0.0), (torch.float32, 96, 0.2)]
+)
+@pytest.mark.usefixtures("emulated_elementwise")
+def test_emulated_ffn_epilogues(act, dtype, cols, p):
+    """gemm with a stored pre-activation (ffn_bias_act_fwd) and grad_pre (ffn_act_bwd) against torch's, at widths
+    that take the 16-byte path (136, 96) and the element path (131)."""
+    from fastformer.ops.ffn import cuda_impl as ffn_cuda
+    from fastformer.ops.ffn import torch_impl as ffn_torch
+    from fastformer.ops.ffn.op import Epilogue
+
+    gen = torch.Generator().manual_seed(cols)
+    a, bmat = torch.randn(13, 40, generator=gen).to(dtype), torch.randn(40, cols, generator=gen).to(dtype)
+    bias = torch.randn(cols, generator=gen).to(dtype)
+    with dropout.exact_dropout(True):
+        seed = dropout.new_seed(p)
+    epi = Epilogue(act, p, seed)
+    y, pre = ffn_cuda.gemm(a, bmat, dtype, bias, epi, store_pre=True)
+    y64, pre64 = ffn_torch.gemm(a.double(), bmat.double(), torch.float64, bias.double(), epi, store_pre=True)
+    ypt, prept = ffn_torch.gemm(a, bmat, dtype, bias, epi, store_pre=True)
+    testing.assert_close_2x("y", y, y64, ypt)
+    testing.assert_close_2x("pre", pre, pre64, prept)
+    dy, w_t = torch.randn(13, 50, generator=gen).to(dtype), torch.randn(50, cols, generator=gen).to(dtype)
+    g, h = ffn_cuda.grad_pre(dy, w_t, pre, epi, want_h=True)
+    g64, h64 = ffn_torch.grad_pre(dy.double(), w_t.double(), pre.double(), epi, want_h=True)
+    gpt, hpt = ffn_torch.grad_pre(dy, w_t, pre, epi, want_h=True)
+    testing.assert_close_2x("d(pre)", g, g64, gpt.to(dtype))
+    testing.assert_close_2x("h", h, h64, hpt)

@@ -1,5 +1,5 @@
 // C entry points of the emulated kernels for ctypes (tests/test_cuda_emulated.py): the launchers of csrc/ops.h with
-// the vectors as (pointer, length) pairs and any exception as a message in `err` (empty on success).
+// vectors as (pointer, length) pairs, no stream, and any exception as a message in `err` (empty on success).
 #include <cstring>
 #include <exception>
 #include <vector>
@@ -43,5 +43,34 @@ void emu_attention_bwd(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, ui
     fastformer::attention_bwd(dout, q, k, v, out, lse, delta, dq, dk, dv, mask, cu_q, cu_k, vec(dims, n_dims),
                               vec(strides, n_strides), causal != 0, scale, seed, p, thresh24, dtype, 0);
   });
+}
+
+void emu_layer_norm_fwd(uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t bias, uintptr_t y,
+                        uintptr_t res_out, uintptr_t mean, uintptr_t rstd, int64_t rows, int64_t n, int64_t stride_x,
+                        int64_t stride_r, double eps, uint64_t seed, double p, uint32_t thresh24, int dtype, char* err) {
+  guarded(err, [&] {
+    fastformer::layer_norm_fwd(x, residual, weight, bias, y, res_out, mean, rstd, rows, n, stride_x, stride_r, eps,
+                               seed, p, thresh24, dtype, 0);
+  });
+}
+
+void emu_layer_norm_bwd(uintptr_t dy, uintptr_t dres_out, uintptr_t s, uintptr_t weight, uintptr_t mean,
+                        uintptr_t rstd, uintptr_t dx, uintptr_t dres, uintptr_t dw_partial, uintptr_t db_partial,
+                        int64_t rows, int64_t n, int64_t partial_rows, uint64_t seed, double p, uint32_t thresh24,
+                        int dtype, char* err) {
+  guarded(err, [&] {
+    fastformer::layer_norm_bwd(dy, dres_out, s, weight, mean, rstd, dx, dres, dw_partial, db_partial, rows, n,
+                               partial_rows, seed, p, thresh24, dtype, 0);
+  });
+}
+
+void emu_ffn_bias_act_fwd(uintptr_t z, uintptr_t bias, uintptr_t y, int store_pre, int64_t rows, int64_t cols,
+                          int act, uint64_t seed, double p, uint32_t thresh24, int dtype, char* err) {
+  guarded(err, [&] { fastformer::ffn_bias_act_fwd(z, bias, y, store_pre, rows, cols, act, seed, p, thresh24, dtype, 0); });
+}
+
+void emu_ffn_act_bwd(uintptr_t g, uintptr_t pre, uintptr_t h, int64_t rows, int64_t cols, int act, uint64_t seed,
+                     double p, uint32_t thresh24, int dtype, char* err) {
+  guarded(err, [&] { fastformer::ffn_act_bwd(g, pre, h, rows, cols, act, seed, p, thresh24, dtype, 0); });
 }
 }

@@ -1,5 +1,6 @@
-// Host emulation of the CUDA features csrc/attention.cu uses, so that its kernels run on the CPU in CI: compiled with
-// g++ -include this-file, the kernels become plain C++ and every thread of a block a cooperative context (ucontext).
+// Host emulation of the CUDA features fastformer's kernels use (csrc/attention.cu, layer_norm.cu, ffn.cu), so that
+// they run on the CPU in CI: compiled with g++ -include this-file, the kernels become plain C++ and every thread of a
+// block a cooperative context (ucontext).
 //
 // - Blocks run one after another; the threads of a block run until each reaches a synchronisation point or
 //   returns. A __syncthreads completes when every thread of the block waits there (a thread that returned while
@@ -234,6 +235,17 @@ void run(unsigned grid, unsigned block, size_t smem, F fn) {
 #define gridDim (emu::st().gdim)
 
 inline void __syncthreads() { emu::rendezvous(emu::kBarrier); }
+inline float __uint_as_float(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+inline uint32_t __float_as_uint(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return b;
+}
+inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 inline void __syncwarp() {
   const uint64_t none = 0;
   emu::exchange(&none, 1);
@@ -251,6 +263,11 @@ inline float __shfl_xor_sync(unsigned, float v, int o) {
 namespace fastformer {
 
 inline unsigned char* dynamic_smem() { return emu::st().smem; }
+inline void store_global16(void* p, uint32_t w0, uint32_t w1, uint32_t w2, uint32_t w3) {
+  if (reinterpret_cast<uintptr_t>(p) % 16) throw std::runtime_error("st.global.v4 address not 16-byte aligned");
+  const uint32_t w[4] = {w0, w1, w2, w3};
+  std::memcpy(p, w, 16);
+}
 inline int64_t opaque(int64_t x) { return x; }
 
 template <typename... Params, typename... Args>
