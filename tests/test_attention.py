@@ -1012,3 +1012,30 @@ def test_gpu_int64_offsets(bwd_mode):
             assert torch.equal(a, r)
         else:  # the order of dQ's atomic fp32 sums varies
             torch.testing.assert_close(a, r, atol=1e-3, rtol=1e-3)
+
+
+@gpu
+@pytest.mark.parametrize("forward", ["mma", "wgmma"])
+def test_gpu_cuda_int64_offsets(forward, monkeypatch):
+    """The CUDA kernels on a q whose second batch starts past 2**31 elements (read in place: its strides are
+    multiples of 8), both forwards; every gradient bitwise equal to the contiguous copy's (the CUDA backward is
+    deterministic)."""
+    if "cuda" not in fastformer.available_backends():
+        pytest.fail("the cuda backend is not available on this GPU machine (fastformer._C not built?)")
+    if forward == "wgmma":
+        if torch.cuda.get_device_capability() != (9, 0):
+            pytest.skip("the wgmma forward runs on sm_90 only")
+        monkeypatch.setenv("FASTFORMER_CUDA_WGMMA", "1")
+    h, d, s = 2, 64, 256
+    n = (1 << 31) // (h * d) + s
+    big = torch.empty(2, n, h, d, device="cuda", dtype=torch.float16)
+    big[:, -s:].normal_()
+    q = big[:, -s:].requires_grad_()
+    k, v = (_rand(2, s, h, d, dtype=torch.float16) for _ in range(2))
+    qc = q.detach().contiguous().requires_grad_()
+    out = fastformer.attention(q, k, v, causal=True, backend="cuda")
+    ref = fastformer.attention(qc, k, v, causal=True, backend="cuda")
+    assert torch.equal(out, ref)
+    g = torch.randn_like(out)
+    for a, r in zip(_grads(out, (q, k, v), g), _grads(ref, (qc, k, v), g), strict=True):
+        assert torch.equal(a, r)
