@@ -1,5 +1,6 @@
 """`fastformer inspect` in CI: every Triton launch of the representative problems, compiled for sm_90 as the JIT
-would specialise it (no GPU needed), must lower its matmuls to wgmma, never spill, and fit shared memory."""
+would specialise it (no GPU needed), must lower its matmuls to wgmma, never spill, and fit shared memory; the CUDA
+C++ kernels of fastformer._C are listed next to them and must not use local memory either."""
 
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ def test_sm90_kernels_are_hopper_grade(tmp_path):
     assert {"layer_norm_fwd_kernel", "layer_norm_bwd_kernel", "act_grad_kernel"} <= kernels
     matmuls = [r for r in rows if r["dot"] and r["status"] != "pruned"]
     assert matmuls and all(r["mma"] == "wgmma" and r["loop"] > 0 for r in matmuls)
+    from fastformer import _build
+
+    if _build.find_nvcc() is not None:  # the CUDA C++ kernels next to them, with their tensor-core instructions
+        assert "CUDA C++ kernels (fastformer._C)" in run.stdout
+        assert report["cuda"] and "attn_fwd_tma_kernel<half, D128>" in report["cuda"] and "HGMMA" in report["cuda"]
 
 
 def test_checks_catch_each_kind_of_problem():

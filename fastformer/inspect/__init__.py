@@ -6,8 +6,11 @@ every config the autotuner may try on the arch plus the untuned defaults, compil
 read (:mod:`.compile`): matrix-instruction lowering, registers, spills, shared memory, TMA, and instructions
 per iteration of the hot loop. ``--check`` exits non-zero on what a Hopper-grade kernel must not do:
 a spill, shared memory above the device's limit, a matmul kernel not on ``wgmma`` (sm_90), a failed compile.
+Next to them, when nvcc is there, the CUDA C++ kernels of fastformer._C for the same arch (:mod:`.sass`: registers,
+local memory, HMMA/HGMMA, global access widths), whose local memory ``--check`` also fails on; ``--cuda`` prints
+only those, for every arch built.
 
-    fastformer inspect [--arch sm_90|sm_80] [--json FILE] [--check] [--only TEXT]
+    fastformer inspect [--arch sm_90|sm_80] [--json FILE] [--check] [--only TEXT] [--cuda | --no-cuda]
 """
 
 from __future__ import annotations
@@ -72,6 +75,22 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print("  " + "  ".join(str(r[c]).ljust(widths[c]) for c in COLUMNS))
 
 
+def cuda_table(arch: str, only: str) -> tuple[str, list[str]] | None:
+    """(the SASS table of fastformer._C's kernels for ``arch``, their local-memory problems), or None when nvcc or
+    cuobjdump is missing or the build has no code for the arch."""
+    from fastformer import _build
+    from fastformer.inspect import sass
+
+    tool = sass.find_cuobjdump()
+    if _build.find_nvcc() is None or tool is None:
+        return None
+    binary = _build.jit_build()
+    if arch not in sass.archs_in(binary, tool):
+        return None
+    found = sass.kernels(binary, arch, tool, only)
+    return sass.table(arch, found), [f"CUDA {arch} {p}" for p in sass.spills(found)]
+
+
 def inspect_cuda(only: str, check: bool) -> int:
     """Print every fastformer._C kernel's registers, local memory, global access widths and tensor-core matmuls, per
     arch it was built for; 1 under ``check`` when one uses local memory, 2 when it cannot be built here."""
@@ -106,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cuda", action="store_true", help="instead: the SASS of the CUDA C++ kernels in fastformer._C (needs nvcc)"
     )
+    parser.add_argument("--no-cuda", action="store_true", help="leave out the CUDA C++ kernels' table")
     args = parser.parse_args(argv)
     if args.cuda:
         return inspect_cuda(args.only or "", args.check)
@@ -120,9 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = inspect_arch(arch, args.only, args.workers)
     print_table(rows)
     found = problems(rows, arch)
+    cuda = None if args.no_cuda else cuda_table(args.arch, args.only or "")
+    if cuda is not None:
+        print(f"\nCUDA C++ kernels (fastformer._C)\n{cuda[0]}")
+        found += cuda[1]
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"arch": args.arch, "rows": rows, "problems": found}, f, indent=1)
+            json.dump({"arch": args.arch, "rows": rows, "problems": found, "cuda": cuda and cuda[0]}, f, indent=1)
     print(f"\n{len(rows)} (launch, config) rows, {len({(r['kernel'], r['config']) for r in rows})} kernel variants")
     for p in found:
         print(f"PROBLEM {p}")
