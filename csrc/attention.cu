@@ -119,20 +119,41 @@ __device__ __forceinline__ const T* frag_b(const T* tile, int r0, int c0) {
   return tile + swz<D>(r0 + ((lane >> 4) & 1) * 8 + (lane & 7), c0 + ((lane >> 3) & 1) * 8);
 }
 
-// Start copying rows [r0, r0 + ROWS) of one head into a swizzled tile; `base` points at row 0 of the sequence and
-// rows are `stride` elements apart. Row r is copied when r < limit and on(r), else zero-filled.
-template <typename T, int D, int ROWS, typename On>
+// Element offset of (row, col) in a core-matrix tile of R rows (the sm_90a kernels' wgmma operand layout, below):
+// 8 x 8 core matrices of 128 contiguous bytes, core (row block rb, column block cb) at index cb * R / 8 + rb.
+template <int R>
+__device__ __forceinline__ int core_off(int row, int col) {
+  return ((col >> 3) * (R / 8) + (row >> 3)) * 64 + (row & 7) * 8 + (col & 7);
+}
+
+// How a tile of rows of D 16-bit elements is laid out in shared memory: swizzled rows (ldmatrix) or core matrices
+// (wgmma descriptors).
+enum class Layout { kSwizzled, kCore };
+
+template <Layout L, int D, int ROWS>
+__device__ __forceinline__ int tile_off(int row, int col) {
+  if constexpr (L == Layout::kSwizzled) {
+    return swz<D>(row, col);
+  } else {
+    return core_off<ROWS>(row, col);
+  }
+}
+
+// Start copying rows [r0, r0 + ROWS) of one head into a tile, THREADS threads sharing the 16-byte chunks; `base`
+// points at row 0 of the sequence and rows are `stride` elements apart. Row r is copied when r < limit and on(r),
+// else zero-filled.
+template <typename T, int D, int ROWS, Layout L = Layout::kSwizzled, int THREADS = kThreads, typename On>
 __device__ __forceinline__ void load_tile(T* tile, const T* base, int64_t stride, int64_t r0, int64_t limit, On on) {
   constexpr int kChunks = D / 8;
-  static_assert(ROWS * kChunks % kThreads == 0, "every thread copies the same number of chunks");
+  static_assert(ROWS * kChunks % THREADS == 0, "every thread copies the same number of chunks");
   // offsets recomputed per call (a few integer ops) rather than kept live through the main loop in registers
   const int tid = static_cast<int>(opaque(threadIdx.x));
 #pragma unroll
-  for (int n = 0; n < ROWS * kChunks / kThreads; ++n) {
-    const int idx = tid + n * kThreads, r = idx / kChunks, c = idx % kChunks;
+  for (int n = 0; n < ROWS * kChunks / THREADS; ++n) {
+    const int idx = tid + n * THREADS, r = idx / kChunks, c = idx % kChunks;
     const int64_t row = r0 + r;
     const bool full = row < limit && on(row);
-    cp_async16(tile + swz<D>(r, c * 8), full ? base + row * stride + c * 8 : base, full);
+    cp_async16(tile + tile_off<L, D, ROWS>(r, c * 8), full ? base + row * stride + c * 8 : base, full);
   }
 }
 
@@ -292,12 +313,12 @@ __device__ __forceinline__ QTile q_tile(const Params& p, int rows = kRows) {
 }
 
 // The K and V tiles of keys [n0, n0 + N) of one kv head, and their additive mask (0 or -inf) in `bias`.
-template <typename T, int D, int N>
+template <typename T, int D, int N, Layout L = Layout::kSwizzled, int THREADS = kThreads>
 __device__ __forceinline__ void load_kv(const Params& p, int64_t b, int64_t hk, const Seq& s, int64_t n0, T* ks,
                                         T* vs, float* bias) {
   auto on = [&](int64_t j) { return key_on(p, b, j); };
-  load_tile<T, D, N>(ks, static_cast<const T*>(p.k) + at(p.sk, b, s.k0, hk), p.sk.s, n0, s.len_k, on);
-  load_tile<T, D, N>(vs, static_cast<const T*>(p.v) + at(p.sv, b, s.k0, hk), p.sv.s, n0, s.len_k, on);
+  load_tile<T, D, N, L, THREADS>(ks, static_cast<const T*>(p.k) + at(p.sk, b, s.k0, hk), p.sk.s, n0, s.len_k, on);
+  load_tile<T, D, N, L, THREADS>(vs, static_cast<const T*>(p.v) + at(p.sv, b, s.k0, hk), p.sv.s, n0, s.len_k, on);
   if (threadIdx.x < N) {
     const int64_t j = n0 + threadIdx.x;
     bias[threadIdx.x] = j < s.len_k && key_on(p, b, j) ? 0.f : -INFINITY;
@@ -474,38 +495,35 @@ __global__ void __launch_bounds__(kThreads, 1) attn_fwd_kernel(Params p, T* out,
 constexpr int kWgThreads = 256;
 constexpr int kWgRows = 128;
 
-// Element offset of (row, col) in a core-matrix tile of R rows.
-template <int R>
-__device__ __forceinline__ int core_off(int row, int col) {
-  return ((col >> 3) * (R / 8) + (row >> 3)) * 64 + (row & 7) * 8 + (col & 7);
-}
-
-// Start copying rows [r0, r0 + ROWS) of one head into a core-matrix tile (see load_tile).
-template <typename T, int D, int ROWS, typename On>
-__device__ __forceinline__ void load_core_tile(T* tile, const T* base, int64_t stride, int64_t r0, int64_t limit,
-                                               On on) {
-  constexpr int kChunks = D / 8;
-  static_assert(ROWS * kChunks % kWgThreads == 0, "every thread copies the same number of chunks");
-  const int tid = static_cast<int>(opaque(threadIdx.x));
-#pragma unroll
-  for (int n = 0; n < ROWS * kChunks / kWgThreads; ++n) {
-    const int idx = tid + n * kWgThreads, r = idx / kChunks, c = idx % kChunks;
-    const int64_t row = r0 + r;
-    const bool full = row < limit && on(row);
-    cp_async16(tile + core_off<ROWS>(r, c * 8), full ? base + row * stride + c * 8 : base, full);
-  }
-}
-
+// S = Q K^T for one warpgroup's 64 rows (q_wg: its rows of the kWgRows-row Q tile) against a tile of kKeys keys,
+// both core-matrix tiles: issued and committed as one wgmma group, not waited for.
 template <typename T, int D>
-__device__ __forceinline__ void load_kv_core(const Params& p, int64_t b, int64_t hk, const Seq& s, int64_t n0, T* ks,
-                                             T* vs, float* bias) {
-  auto on = [&](int64_t j) { return key_on(p, b, j); };
-  load_core_tile<T, D, kKeys>(ks, static_cast<const T*>(p.k) + at(p.sk, b, s.k0, hk), p.sk.s, n0, s.len_k, on);
-  load_core_tile<T, D, kKeys>(vs, static_cast<const T*>(p.v) + at(p.sv, b, s.k0, hk), p.sv.s, n0, s.len_k, on);
-  if (threadIdx.x < kKeys) {
-    const int64_t j = n0 + threadIdx.x;
-    bias[threadIdx.x] = j < s.len_k && key_on(p, b, j) ? 0.f : -INFINITY;
+__device__ __forceinline__ void wgmma_qk(float (&sc)[kKeys / 8][4], const T* q_wg, const T* kt) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const uint64_t da = wgmma_desc(q_wg + kk * 2 * kWgRows * 8, kWgRows * 16, 128);
+    const uint64_t db = wgmma_desc(kt + kk * 2 * kKeys * 8, kKeys * 16, 128);
+    wgmma_ss_n64<T>(sc, da, db, kk > 0);  // the first overwrites sc
   }
+  wgmma_commit();
+}
+
+// O += P V for one warpgroup (P in A fragments, V a core-matrix tile read MN-major), 16 keys per wgmma: issued and
+// committed as one group, not waited for.
+template <typename T, int D>
+__device__ __forceinline__ void wgmma_pv(float (&o)[D / 8][4], const uint32_t (&pf)[kKeys / 16][4], const T* vt) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kKeys / 16; ++kk) {
+    const uint64_t db = wgmma_desc(vt + kk * 2 * 64, 128, kKeys * 16);
+    if constexpr (D == 64) {
+      wgmma_rs_n64<T>(o, pf[kk], db, true);
+    } else {
+      wgmma_rs_n128<T>(o, pf[kk], db, true);
+    }
+  }
+  wgmma_commit();
 }
 
 template <int D>
@@ -528,9 +546,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) attn_fwd_wgmma_kernel(Params p,
   const int64_t hi = key_end(p, s, qt.m0, kWgRows);
   const int n_tiles = static_cast<int>((hi + kKeys - 1) / kKeys);
 
-  load_core_tile<T, D, kWgRows>(qs, static_cast<const T*>(p.q) + at(p.sq, qt.b, s.q0, qt.h), p.sq.s, qt.m0, s.len_q,
+  load_tile<T, D, kWgRows, Layout::kCore, kWgThreads>(qs, static_cast<const T*>(p.q) + at(p.sq, qt.b, s.q0, qt.h), p.sq.s, qt.m0, s.len_q,
                                 [](int64_t) { return true; });
-  if (n_tiles > 0) load_kv_core<T, D>(p, qt.b, qt.hk, s, 0, ks, vs, bias);
+  if (n_tiles > 0) load_kv<T, D, kKeys, Layout::kCore, kWgThreads>(p, qt.b, qt.hk, s, 0, ks, vs, bias);
   cp_async_commit();
 
   const int64_t row0 = lse_row(p, qt.b, qt.h, s, qt.m0 + warp * 16 + g);
@@ -541,8 +559,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) attn_fwd_wgmma_kernel(Params p,
     const int st = it & 1;
     const int64_t n0 = static_cast<int64_t>(it) * kKeys;
     if (it + 1 < n_tiles) {
-      load_kv_core<T, D>(p, qt.b, qt.hk, s, n0 + kKeys, ks + (st ^ 1) * kKeys * D, vs + (st ^ 1) * kKeys * D,
-                         bias + (st ^ 1) * kKeys);
+      load_kv<T, D, kKeys, Layout::kCore, kWgThreads>(p, qt.b, qt.hk, s, n0 + kKeys, ks + (st ^ 1) * kKeys * D,
+                                                      vs + (st ^ 1) * kKeys * D, bias + (st ^ 1) * kKeys);
     }
     cp_async_commit();
     cp_async_wait<1>();
@@ -552,14 +570,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) attn_fwd_wgmma_kernel(Params p,
     const T* vt = vs + st * kKeys * D;
 
     float sc[kKeys / 8][4];  // S = Q K^T: 64 rows x 64 keys per warpgroup
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const uint64_t da = wgmma_desc(q_wg + kk * 2 * kWgRows * 8, kWgRows * 16, 128);
-      const uint64_t db = wgmma_desc(kt + kk * 2 * kKeys * 8, kKeys * 16, 128);
-      wgmma_ss_n64<T>(sc, da, db, kk > 0);
-    }
-    wgmma_commit();
+    wgmma_qk<T, D>(sc, q_wg, kt);
     wgmma_wait<0>();
     wgmma_hold(sc);
 
@@ -568,17 +579,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) attn_fwd_wgmma_kernel(Params p,
                  row0, n0);
     uint32_t pf[kKeys / 16][4];
     acc_to_a<T, kKeys>(pf, sc);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kKeys / 16; ++kk) {  // O += P V, 16 keys per step
-      const uint64_t db = wgmma_desc(vt + kk * 2 * 64, 128, kKeys * 16);
-      if constexpr (D == 64) {
-        wgmma_rs_n64<T>(o, pf[kk], db, true);
-      } else {
-        wgmma_rs_n128<T>(o, pf[kk], db, true);
-      }
-    }
-    wgmma_commit();
+    wgmma_pv<T, D>(o, pf, vt);
     wgmma_wait<0>();
     wgmma_hold(o);
     __syncthreads();  // this stage is refilled by the next iteration
@@ -678,18 +679,7 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
   float o[D / 8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   zero(o);
   const T* q_wg = qs + wg * 64 * 8;
-  // S = Q K^T of tile `it` into sc, issued (not waited for)
-  auto issue_s = [&](int it, float (&sc)[kKeys / 8][4]) {
-    const T* kt = ks + (it & 1) * kKeys * D;
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const uint64_t da = wgmma_desc(q_wg + kk * 2 * kWgRows * 8, kWgRows * 16, 128);
-      const uint64_t db = wgmma_desc(kt + kk * 2 * kKeys * 8, kKeys * 16, 128);
-      wgmma_ss_n64<T>(sc, da, db, kk > 0);
-    }
-    wgmma_commit();
-  };
+  auto issue_s = [&](int it, float (&sc)[kKeys / 8][4]) { wgmma_qk<T, D>(sc, q_wg, ks + (it & 1) * kKeys * D); };
   // the softmax of tile `it` (its S waited for): P into pf, the rescale of O it needs into alpha
   auto softmax = [&](int it, float (&sc)[kKeys / 8][4], uint32_t (&pf)[kKeys / 16][4], float (&alpha)[2]) {
     const int64_t n0 = static_cast<int64_t>(it) * kKeys;
@@ -711,21 +701,7 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
     wgmma_hold(sc);
     softmax(0, sc, pf, alpha);  // O is still zero: nothing to rescale
   }
-  // O += P V of tile `it`, issued
-  auto issue_pv = [&](int it) {
-    const T* vt = vs + (it & 1) * kKeys * D;
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kKeys / 16; ++kk) {  // 16 keys per step
-      const uint64_t db = wgmma_desc(vt + kk * 2 * 64, 128, kKeys * 16);
-      if constexpr (D == 64) {
-        wgmma_rs_n64<T>(o, pf[kk], db, true);
-      } else {
-        wgmma_rs_n128<T>(o, pf[kk], db, true);
-      }
-    }
-    wgmma_commit();
-  };
+  auto issue_pv = [&](int it) { wgmma_pv<T, D>(o, pf, vs + (it & 1) * kKeys * D); };
   auto release = [&](int it) {  // this warp is done with tile it's stage
     __syncwarp();
     if ((threadIdx.x & 31) == 0) mbar_arrive(empty + (it & 1));

@@ -56,6 +56,22 @@ def bwd_mode(request):
         yield request.param
 
 
+@pytest.fixture(params=["mma", "wgmma"])
+def cuda_forward(request, monkeypatch):
+    """Run a GPU test of the cuda backend with each forward: mma.sync (every sm_80+ GPU) and wgmma (sm_90, opted in
+    with FASTFORMER_CUDA_WGMMA=1; skipped elsewhere)."""
+    if "cuda" not in fastformer.available_backends():
+        pytest.fail("the cuda backend is not available on this GPU machine (fastformer._C not built?)")
+    if request.param == "wgmma":
+        if torch.cuda.get_device_capability() != (9, 0):
+            pytest.skip("the wgmma forward runs on sm_90 only")
+        monkeypatch.setenv("FASTFORMER_CUDA_WGMMA", "1")
+        from fastformer.ops.attention import cuda_impl
+
+        assert cuda_impl.use_wgmma(torch.empty(1, device="cuda")), "sm_90 but no sm_90a code in fastformer._C"
+    return request.param
+
+
 def _check(q, k, v, g=None, dtype_atol=None, backend=FUSED, **kw):
     """Run ours and check out, dq, dk, dv against the float64 and same-dtype references."""
     out = fastformer.attention(q, k, v, backend=backend, **kw)
@@ -939,18 +955,9 @@ def test_gpu_cuda_backend_matches_triton(causal, masked, hkv, dtype):
 @pytest.mark.parametrize("d,dtype", [(64, torch.float16), (128, torch.bfloat16), (128, torch.float16)])
 @pytest.mark.parametrize("sq,sk", [(1, 129), (17, 17), (97, 129), (129, 97)])
 @pytest.mark.parametrize("causal,masked", [(True, False), (False, True)])
-@pytest.mark.parametrize("forward", ["mma", "wgmma"])
-def test_gpu_cuda_backend_vs_reference(causal, masked, sq, sk, d, dtype, forward, monkeypatch):
+@pytest.mark.usefixtures("cuda_forward")
+def test_gpu_cuda_backend_vs_reference(causal, masked, sq, sk, d, dtype):
     """Both CUDA forwards (mma.sync everywhere, wgmma on sm_90 with FASTFORMER_CUDA_WGMMA=1) and the backward."""
-    if "cuda" not in fastformer.available_backends():
-        pytest.fail("the cuda backend is not available on this GPU machine (fastformer._C not built?)")
-    if forward == "wgmma":
-        if torch.cuda.get_device_capability() != (9, 0):
-            pytest.skip("the wgmma forward runs on sm_90 only")
-        monkeypatch.setenv("FASTFORMER_CUDA_WGMMA", "1")
-        from fastformer.ops.attention import cuda_impl
-
-        assert cuda_impl.use_wgmma(torch.empty(1, device="cuda")), "sm_90 but no sm_90a code in fastformer._C"
     q, k, v = _rand(2, sq, 4, d, dtype=dtype), _rand(2, sk, 2, d, dtype=dtype), _rand(2, sk, 2, d, dtype=dtype)
     m = _padding_mask("full_row", 2, sk) if masked else None
     _check(q, k, v, causal=causal, key_padding_mask=m, backend="cuda")
@@ -1015,17 +1022,11 @@ def test_gpu_int64_offsets(bwd_mode):
 
 
 @gpu
-@pytest.mark.parametrize("forward", ["mma", "wgmma"])
-def test_gpu_cuda_int64_offsets(forward, monkeypatch):
+@pytest.mark.usefixtures("cuda_forward")
+def test_gpu_cuda_int64_offsets():
     """The CUDA kernels on a q whose second batch starts past 2**31 elements (read in place: its strides are
     multiples of 8), both forwards; every gradient bitwise equal to the contiguous copy's (the CUDA backward is
     deterministic)."""
-    if "cuda" not in fastformer.available_backends():
-        pytest.fail("the cuda backend is not available on this GPU machine (fastformer._C not built?)")
-    if forward == "wgmma":
-        if torch.cuda.get_device_capability() != (9, 0):
-            pytest.skip("the wgmma forward runs on sm_90 only")
-        monkeypatch.setenv("FASTFORMER_CUDA_WGMMA", "1")
     h, d, s = 2, 64, 256
     n = (1 << 31) // (h * d) + s
     big = torch.empty(2, n, h, d, device="cuda", dtype=torch.float16)

@@ -83,14 +83,20 @@ def built() -> tuple[Path, str, set[str]]:
     return binary, tool, archs_in(binary, tool)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_layer_norm_kernels_move_rows_in_16_bytes_without_spills(built, arch):
+def _read(built, arch: str, only: str) -> tuple[list[Kernel], str]:
+    """The kernels of `arch` whose names contain `only`, and their table (printed; skipped when not built)."""
     binary, tool, have = built
     if arch not in have:
         pytest.skip(f"{binary.name} has no {arch} code (FASTFORMER_CUDA_ARCHS={';'.join(_build.archs())})")
-    found = kernels(binary, arch, tool, only="layer_norm")
+    found = kernels(binary, arch, tool, only=only)
     report = table(arch, found)
     print("\n" + report)
+    return found, report
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_layer_norm_kernels_move_rows_in_16_bytes_without_spills(built, arch):
+    found, report = _read(built, arch, "layer_norm")
     wrong = problems(found)
     assert not wrong, "\n".join(wrong) + "\n\n" + report
 
@@ -136,12 +142,7 @@ def attention_problems(found: list[Kernel], wgmma: bool) -> list[str]:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_attention_kernels_use_tensor_cores_without_spills(built, arch):
-    binary, tool, have = built
-    if arch not in have:
-        pytest.skip(f"{binary.name} has no {arch} code (FASTFORMER_CUDA_ARCHS={';'.join(_build.archs())})")
-    found = kernels(binary, arch, tool, only="attention")
-    report = table(arch, found)
-    print("\n" + report)
+    found, report = _read(built, arch, "attention")
     wrong = attention_problems(found, wgmma=arch == "sm_90" and "90a" in _build.archs())
     assert not wrong, "\n".join(wrong) + "\n\n" + report
 
