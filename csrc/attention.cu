@@ -1109,7 +1109,8 @@ void attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr
   FF_DISPATCH_ATTENTION(dtype, prm.dim, {
     auto* o = reinterpret_cast<T*>(out);
     auto* l = reinterpret_cast<float*>(lse);
-    if (wgmma && prm.mask == nullptr) {  // TMA copies whole boxes: padded keys could not be zero-filled per row
+    // TMA copies whole boxes, so padded keys could not be zero-filled per row; a tensor map needs a token
+    if (wgmma && prm.mask == nullptr && prm.tokens_q > 0 && prm.tokens_k > 0) {
       TmaMaps maps{};
       const int64_t nb = prm.varlen ? 1 : prm.batch;
       maps.q = qkv_map(prm.q, dtype, D, prm.tokens_q, prm.heads, nb, prm.sq, kWgRows);

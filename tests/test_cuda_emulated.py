@@ -219,6 +219,16 @@ def test_emulated_varlen_with_an_empty_sequence():
 
 
 @pytest.mark.usefixtures("emulated")
+def test_emulated_no_keys():
+    """Sk = 0: every row sees no key (out 0, lse +inf, zero gradients); no TMA map over an empty tensor."""
+    q, k, v = _qkv(2, 9, 0, 2, 1, 64, torch.float16)
+    a = _args(q, k, v, causal=True)
+    out, lse = cuda_impl.fwd(a)
+    assert (out == 0).all() and torch.isinf(lse).all()
+    assert all((g == 0).all() for g in cuda_impl.bwd(a, torch.randn_like(q), out, lse))
+
+
+@pytest.mark.usefixtures("emulated")
 def test_emulated_fully_padded_rows_and_nan_in_padding():
     """A sequence whose keys are all padding gives 0 and lse +inf; NaN stored in padded keys reaches nothing (the
     tile loads zero-fill padded keys instead of reading them)."""

@@ -431,7 +431,8 @@ inline CUtensorMap make_tensor_map_5d(const void* base, int dtype, const uint64_
   for (int i = 0; i < 5; ++i) {
     e.dims[i] = dims[i];
     e.box[i] = box[i];
-    if (box[i] == 0 || box[i] > 256 || box[i] > dims[i] * 256) throw std::runtime_error("tensor map: bad box");
+    if (dims[i] == 0 || dims[i] > (uint64_t{1} << 32)) throw std::runtime_error("tensor map: bad dimension");
+    if (box[i] == 0 || box[i] > 256) throw std::runtime_error("tensor map: bad box");
   }
   for (int i = 0; i < 4; ++i) {
     e.strides[i] = strides[i];
