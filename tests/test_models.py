@@ -711,3 +711,24 @@ def test_torch_backend_runs_head_dims_and_dtypes_the_kernels_lack() -> None:
         assert torch.equal(ours.generate(ids[:, :4], max_new_tokens=5), expected)
     with pytest.raises(fastformer.BackendError, match="head dimension 12"):
         GPT(GPTConfig.from_name("gpt-tiny", n_embd=60, n_head=5, backend="triton"))(ids)
+
+
+def test_gpt_training_step_checks_ids_and_labels_in_one_host_sync(monkeypatch) -> None:
+    """Both value checks of a training step (ids in the vocabulary, labels in it or -100) cost one device-to-host
+    read together, and a bad value is still named."""
+    model = GPT(GPTConfig.from_name("gpt-tiny"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    reads = []
+    tolist = torch.Tensor.tolist
+
+    def counting(self):
+        reads.append(tuple(self.shape))
+        return tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting)
+    model(ids, labels=ids)
+    assert len(reads) == 1, reads
+    with pytest.raises(ValueError, match="labels holds values"):
+        model(ids, labels=torch.full_like(ids, model.config.vocab_size))
+    with pytest.raises(ValueError, match="input_ids holds values"):
+        model(torch.full_like(ids, -1), labels=torch.full_like(ids, model.config.vocab_size))

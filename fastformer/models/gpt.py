@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from fastformer import utils
 from fastformer.models.config import GPTConfig
 from fastformer.models.generation import GenerationMixin, KVCache
-from fastformer.models.inputs import check_config, check_ids, check_labels, check_mask
+from fastformer.models.inputs import check_config, check_ids, check_labels, check_mask, check_ranges
 from fastformer.models.loading import HFLoadable
 from fastformer.models.outputs import CausalLMOutput
 from fastformer.nn.attention import KVHook, MultiheadSelfAttention
@@ -156,10 +156,14 @@ class GPT(HFLoadable, GenerationMixin, nn.Module):
         """
         cfg = self.config
         # every input is checked before the first kernel: input_ids here, the mask in hidden_states
-        check_ids(input_ids, "input_ids", cfg.vocab_size, cfg.n_positions, self.transformer.wte.weight.device)
+        check_ids(input_ids, "input_ids", None, cfg.n_positions, self.transformer.wte.weight.device)
+        ranges = [(input_ids, "input_ids", cfg.vocab_size, None)]
         if labels is not None:
             shape = tuple(input_ids.shape)
-            check_labels(labels, "labels", input_ids, cfg.vocab_size, (shape,), f"shape {shape} (like input_ids)")
+            expected = f"shape {shape} (like input_ids)"
+            check_labels(labels, "labels", input_ids, cfg.vocab_size, (shape,), expected, check_values=False)
+            ranges.append((labels, "labels", cfg.vocab_size, -100))
+        check_ranges(*ranges)  # both value checks in one host sync
         h = self.hidden_states(input_ids, attention_mask, check_values=False)  # (B, T, C)
         logits = linear(h, self.lm_head_weight, backend=cfg.backend)  # (B, T, V)
         loss = None

@@ -50,20 +50,35 @@ def check_ids(
 def check_range(t: torch.Tensor, name: str, n_values: int, ignore_index: int | None = None) -> None:
     """ValueError unless every value of the integer tensor ``t`` other than ``ignore_index`` is in [0, n_values).
     One host sync; skipped where values cannot be read (see the module docstring)."""
+    check_ranges((t, name, n_values, ignore_index))
+
+
+def _readable(t: torch.Tensor) -> bool:
     if not t.numel() or t.is_meta or torch.compiler.is_compiling() or is_fake(t):
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def check_ranges(*checks: tuple[torch.Tensor, str, int, int | None]) -> None:
+    """:func:`check_range` for several (tensor, name, n_values, ignore_index) at the price of one host sync: the
+    first tensor out of range is the one named."""
+    checks = tuple(c for c in checks if _readable(c[0]))
+    if not checks:
         return
-    if t.is_cuda and torch.cuda.is_current_stream_capturing():
-        return
-    if ignore_index is None:
-        lo, hi = torch.stack(torch.aminmax(t)).tolist()
-    else:
-        keep, info = t != ignore_index, torch.iinfo(t.dtype)
-        lo, hi = torch.stack((torch.where(keep, t, info.max).amin(), torch.where(keep, t, info.min).amax())).tolist()
+    stats = []
+    for t, _, _, ignore_index in checks:
+        if ignore_index is None:
+            stats += torch.aminmax(t)
+        else:
+            keep, info = t != ignore_index, torch.iinfo(t.dtype)
+            stats += [torch.where(keep, t, info.max).amin(), torch.where(keep, t, info.min).amax()]
+    values = torch.stack([x.to(torch.int64) for x in stats]).tolist()
+    for (_, name, n_values, ignore_index), lo, hi in zip(checks, values[::2], values[1::2], strict=True):
         if lo > hi:  # every value is ignore_index
-            return
-    if lo < 0 or hi >= n_values:
-        besides = "" if ignore_index is None else f" (besides {ignore_index}, which is ignored)"
-        raise ValueError(f"{name} holds values in [{lo}, {hi}]{besides}, outside [0, {n_values})")
+            continue
+        if lo < 0 or hi >= n_values:
+            besides = "" if ignore_index is None else f" (besides {ignore_index}, which is ignored)"
+            raise ValueError(f"{name} holds values in [{lo}, {hi}]{besides}, outside [0, {n_values})")
 
 
 def check_labels(
@@ -73,16 +88,19 @@ def check_labels(
     n_classes: int,
     shapes: tuple[tuple[int, ...], ...],
     expected: str,
+    check_values: bool = True,
 ) -> None:
     """Class-id targets: an integer tensor with one of ``shapes`` (described by ``expected``), on ``ids``' device,
-    each value in [0, n_classes) or -100 (ignored by the loss)."""
+    each value in [0, n_classes) or -100 (ignored by the loss; the values are left to the caller when not
+    ``check_values``)."""
     utils.check_tensor(labels, name)
     if not is_integer(labels.dtype):
         raise TypeError(f"{name} must hold integer class ids, got dtype {labels.dtype}")
     if tuple(labels.shape) not in shapes:
         raise ValueError(f"{name} must have {expected}, got {tuple(labels.shape)}")
     utils.check_device(labels, name, ids, "input_ids")
-    check_range(labels, name, n_classes, ignore_index=-100)
+    if check_values:
+        check_range(labels, name, n_classes, ignore_index=-100)
 
 
 def check_mask(mask: torch.Tensor | None, name: str, ids: torch.Tensor) -> torch.Tensor | None:
