@@ -1,5 +1,6 @@
 // Fused attention, forward and backward, on the tensor cores: mma.sync m16n8k16 fed by ldmatrix from shared memory
-// that cp.async fills (sm_80 and later). fp16 and bf16, head dims 64 and 128 (others run on the Triton backend).
+// that cp.async fills (sm_80 and later), and two sm_90a forwards on wgmma (below, after the mma.sync forward). fp16
+// and bf16, head dims 64 and 128 (others run on the Triton backend).
 //
 // Layout and conventions are those of fastformer/ops/attention/: q (B, Sq, H, D), k/v (B, Sk, Hkv, D) with
 // (batch, token, head) strides that are multiples of 8 elements, a contiguous head dimension and 16-byte aligned
@@ -188,21 +189,19 @@ __device__ __forceinline__ void acc_to_tile(T* tile, int r0, const float (&acc)[
   }
 }
 
-// acc (16 x N, C layout, N / 8 tiles) += A (16 x K, fragments a[K / 16]) times B from a swizzled tile. The B tile has
-// k as rows (TRANS, ldmatrix .trans: V or dO or Q or K read as k x n) or n as rows (!TRANS: K, Q, V or dO read as
-// n x k); b_r0 / b_c0 locate the block, k advancing along the tile's rows (TRANS) or columns (!TRANS).
+// acc (16 x N, C layout, N / 8 tiles) += A (16 x K, fragments a[K / 16]) times B from a swizzled tile whose rows are
+// k (TRANS, ldmatrix .trans: V, dO, Q or K read as k x n) or n (!TRANS: K, Q, V or dO read as n x k), from row 0.
 template <typename T, int D, int K, int N, bool TRANS>
-__device__ __forceinline__ void mma_ab(float (&acc)[N / 8][4], const uint32_t (&a)[K / 16][4], const T* b_tile,
-                                       int b_r0) {
+__device__ __forceinline__ void mma_ab(float (&acc)[N / 8][4], const uint32_t (&a)[K / 16][4], const T* b_tile) {
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk) {
 #pragma unroll
     for (int n2 = 0; n2 < N / 16; ++n2) {
       uint32_t b[4];
       if constexpr (TRANS) {
-        ldsm_x4_trans(b, frag_a<D>(b_tile, b_r0 + kk * 16, n2 * 16));
+        ldsm_x4_trans(b, frag_a<D>(b_tile, kk * 16, n2 * 16));
       } else {
-        ldsm_x4(b, frag_b<D>(b_tile, b_r0 + n2 * 16, kk * 16));
+        ldsm_x4(b, frag_b<D>(b_tile, n2 * 16, kk * 16));
       }
       mma_16816<T>(acc[2 * n2], a[kk], b[0], b[1]);
       mma_16816<T>(acc[2 * n2 + 1], a[kk], b[2], b[3]);
@@ -466,13 +465,13 @@ __global__ void __launch_bounds__(kThreads, 1) attn_fwd_kernel(Params p, T* out,
 
     float sc[kKeys / 8][4];
     zero(sc);
-    mma_ab<T, D, D, kKeys, false>(sc, qf, kt, 0);
+    mma_ab<T, D, D, kKeys, false>(sc, qf, kt);
 
     const bool masked = tile_masked(p, s, qt.m0, n0, kKeys);
     softmax_step(p, sc, o, m, l, masked ? bt : nullptr, warp * 16 + g, causal_diag(qt.m0, n0, off), row0, n0);
     uint32_t pf[kKeys / 16][4];
     acc_to_a<T, kKeys>(pf, sc);
-    mma_ab<T, D, kKeys, D, true>(o, pf, vt, 0);
+    mma_ab<T, D, kKeys, D, true>(o, pf, vt);
     __syncthreads();  // this stage is refilled by the next iteration
   }
 
@@ -864,7 +863,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       uint32_t pf[M / 16][4];
       acc_to_a<T, M>(pf, pd);
-      mma_ab<T, D, M, D, true>(dva, pf, dot, 0);
+      mma_ab<T, D, M, D, true>(dva, pf, dot);
     }
     // dP^T = V dO^T, dS^T = P^T (dropout(dP^T) - delta), dK += dS^T Q
     float dpt[M / 8][4];
@@ -880,7 +879,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     uint32_t dsf[M / 16][4];
     acc_to_a<T, M>(dsf, dpt);
-    mma_ab<T, D, M, D, true>(dka, dsf, qt, 0);
+    mma_ab<T, D, M, D, true>(dka, dsf, qt);
     __syncthreads();
   }
   cp_async_wait<0>();
@@ -967,7 +966,7 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_kernel(Params p, cons
     }
     uint32_t dsf[kKeys / 16][4];
     acc_to_a<T, kKeys>(dsf, sc);
-    mma_ab<T, D, kKeys, D, true>(dqa, dsf, kt, 0);
+    mma_ab<T, D, kKeys, D, true>(dqa, dsf, kt);
     __syncthreads();
   }
   cp_async_wait<0>();
