@@ -32,6 +32,9 @@ Conventions shared by every backend:
   specialises its key loop for plain non-causal problems (``triton_tuning.warp_spec_ok``).
 - On GPU the Triton kernels are autotuned per (head dim, seqlen bucket, flags); ``FASTFORMER_AUTOTUNE=0`` uses
   one heuristic config per kernel instead.
+- The CUDA C++ kernels (``cuda_impl``) take fp16/bf16 with head dim 64 or 128 on sm_80+ GPUs: mma.sync everywhere,
+  and on sm_90 with ``FASTFORMER_CUDA_WGMMA=1`` a wgmma forward (TMA and warp-specialised without a padding mask).
+  Inputs whose strides are not multiples of 8 elements or whose base is not 16-byte aligned are copied first.
 """
 
 from fastformer.ops.attention.api import attention, attention_varlen, pad_input, unpad_input
