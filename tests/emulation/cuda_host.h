@@ -8,8 +8,8 @@
 //   all 32 lanes of the warp wait at one, a warpgroup collective (wgmma) when all 128 threads of the warpgroup do
 //   (a member that returned throws). Nothing left to release while threads still wait is a deadlock and throws.
 // - wgmma reads its shared-memory operands through descriptors in the no-swizzle canonical layout (csrc/mma.cuh
-//   states it) and runs at issue: fences, commits and waits are no-ops, so an accumulator read before its wait
-//   is not caught here. Swizzled descriptors are refused.
+//   states it) when issued, and its result reaches the accumulator registers at the wait_group that retires its
+//   group, so an accumulator read before its wait sees stale values. Swizzled descriptors are refused.
 // - mma.m16n8k16, ldmatrix (.x4, .trans) and the pack to 16 bits follow the fragment layouts of the PTX ISA
 //   (csrc/mma.cuh states them). Products are exact and sums are fp32, as on the tensor cores up to summation order.
 // - cp.async copies are queued per thread and done only when a cp.async.wait_group lets them complete, so a read of
@@ -67,6 +67,11 @@ constexpr size_t kSmem = 232448;  // the most dynamic shared memory a block may 
 // __syncthreads, warp and warpgroup collectives, and a spin (an mbarrier wait: runs again next round)
 enum Sync : int { kBarrier = 1, kWarp = 2, kGroup = 3, kSpin = 4 };
 
+struct Pending {  // a wgmma result not yet in its accumulator registers
+  float* dst;
+  std::vector<float> values;
+};
+
 struct Bar {  // an mbarrier
   uint32_t count, pending;
   int64_t tx;
@@ -100,6 +105,8 @@ struct State {
   std::map<uint64_t*, Bar> bars;  // this block's mbarriers
   unsigned long progress = 0;     // mbarrier state changes: a round of spinning without any is a deadlock
   std::string error;              // what a thread threw
+  std::vector<std::vector<Pending>> wgmma_open;                 // per thread: issued, not committed
+  std::vector<std::vector<std::vector<Pending>>> wgmma_groups;  // per thread: committed groups, oldest first
 };
 
 inline State& st() {
@@ -161,6 +168,8 @@ void run(unsigned grid, unsigned block, size_t smem, F fn) {
     unsigned long spin_mark = ~0ul;
     s.groups.assign(block, {});
     s.open.assign(block, {});
+    s.wgmma_groups.assign(block, {});
+    s.wgmma_open.assign(block, {});
     for (unsigned t = 0; t < block; ++t) {
       s.tid[t] = make_uint3(t, 0, 0);
       getcontext(&s.ctx[t]);
@@ -223,6 +232,9 @@ void run(unsigned grid, unsigned block, size_t smem, F fn) {
     }
     for (unsigned t = 0; t < block; ++t) {
       if (!s.groups[t].empty() || !s.open[t].empty()) throw std::runtime_error("a thread returned with cp.async pending");
+      if (!s.wgmma_groups[t].empty() || !s.wgmma_open[t].empty()) {
+        throw std::runtime_error("a thread returned with wgmma results pending");
+      }
     }
   }
 }
@@ -351,10 +363,25 @@ inline uint64_t wgmma_desc(const void* smem, uint32_t lbo, uint32_t sbo) {
   return ((a >> 4) & 0x3FFF) | static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16 |
          static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32;
 }
+// wgmma results land in the accumulator registers only at the wait_group that retires their group: until then the
+// registers keep their old values, so a kernel that reads an accumulator early computes with stale numbers. A chain of
+// wgmmas on one accumulator (the k steps of one product) accumulates from its own pending result.
 inline void wgmma_fence() {}
-inline void wgmma_commit() {}
+inline void wgmma_commit() {
+  emu::State& s = emu::st();
+  s.wgmma_groups[s.cur].push_back(std::move(s.wgmma_open[s.cur]));
+  s.wgmma_open[s.cur].clear();
+}
 template <int N>
-inline void wgmma_wait() {}
+inline void wgmma_wait() {
+  emu::State& s = emu::st();
+  auto& groups = s.wgmma_groups[s.cur];
+  if (!s.wgmma_open[s.cur].empty()) throw std::runtime_error("wgmma.wait_group with uncommitted wgmmas");
+  while (groups.size() > static_cast<size_t>(N)) {
+    for (const emu::Pending& r : groups.front()) std::memcpy(r.dst, r.values.data(), r.values.size() * sizeof(float));
+    groups.erase(groups.begin());
+  }
+}
 inline void fence_proxy_async() {}
 template <int N>
 inline void wgmma_hold(float (&)[N][4]) {}
@@ -391,14 +418,31 @@ inline void wgmma_emulated(float (&d)[N / 8][4], const uint32_t* a, uint64_t da,
     const int r = m % 16, lane = (r % 8) * 4 + (k % 8) / 2, reg = (r >= 8) + 2 * (k >= 8);
     return from16<T>(half_of(slots[group0 + (m / 16) * 32 + lane][reg], k % 2));
   };
+  // the accumulator this wgmma adds to: the latest pending result for d if a chained wgmma is still in flight
+  emu::State& st = emu::st();
+  const float* in = &d[0][0];
+  for (const auto* list : {&st.wgmma_open[me]}) {
+    for (const emu::Pending& r : *list) {
+      if (r.dst == &d[0][0]) in = r.values.data();
+    }
+  }
+  if (in == &d[0][0]) {
+    for (const auto& group : st.wgmma_groups[me]) {
+      for (const emu::Pending& r : group) {
+        if (r.dst == &d[0][0]) in = r.values.data();
+      }
+    }
+  }
+  emu::Pending result{&d[0][0], std::vector<float>(N / 2)};
   for (int i = 0; i < N / 8; ++i) {
     for (int e = 0; e < 4; ++e) {
       const int row = 16 * w + g + 8 * (e >> 1), col = 8 * i + 2 * t + (e & 1);
-      float v = acc ? d[i][e] : 0.f;
+      float v = acc ? in[4 * i + e] : 0.f;
       for (int k = 0; k < 16; ++k) v += A(row, k) * desc_elem<T>(db, col, k, b_mn_major);
-      d[i][e] = v;
+      result.values[4 * i + e] = v;
     }
   }
+  st.wgmma_open[me].push_back(std::move(result));
 }
 template <typename T>
 inline void wgmma_ss_n64(float (&d)[8][4], uint64_t da, uint64_t db, bool acc) {
