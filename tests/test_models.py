@@ -732,3 +732,22 @@ def test_gpt_training_step_checks_ids_and_labels_in_one_host_sync(monkeypatch) -
         model(ids, labels=torch.full_like(ids, model.config.vocab_size))
     with pytest.raises(ValueError, match="input_ids holds values"):
         model(torch.full_like(ids, -1), labels=torch.full_like(ids, model.config.vocab_size))
+
+
+def test_bert_input_value_checks_cost_one_host_sync(monkeypatch) -> None:
+    """input_ids, token_type_ids and position_ids are range-checked with one device-to-host read, naming the bad one."""
+    model = BertModel(BertConfig.from_name("bert-tiny"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    types, positions = torch.zeros_like(ids), torch.arange(9).expand(2, 9)
+    reads = []
+    tolist = torch.Tensor.tolist
+
+    def counting(self):
+        reads.append(tuple(self.shape))
+        return tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting)
+    model.check_inputs(ids, token_type_ids=types, position_ids=positions)
+    assert len(reads) == 1, reads
+    with pytest.raises(ValueError, match="position_ids holds values"):
+        model.check_inputs(ids, token_type_ids=types, position_ids=positions + 10**6)

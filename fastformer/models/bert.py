@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fastformer import utils
 from fastformer.models.config import BertConfig
-from fastformer.models.inputs import check_config, check_ids, check_labels, check_mask, check_range, is_integer
+from fastformer.models.inputs import check_config, check_ids, check_labels, check_mask, check_ranges, is_integer
 from fastformer.models.loading import HFLoadable
 from fastformer.models.outputs import (
     BertForPreTrainingOutput,
@@ -124,9 +124,8 @@ class BertModel(HFLoadable, nn.Module):
             check_ids(ids, name, None, device=input_ids.device, device_of="input_ids")
             if ids.shape not in ((B, S), (1, S)):
                 raise ValueError(f"{name} must have shape {(B, S)} or {(1, S)}, got {tuple(ids.shape)}")
-        if check_values:  # the host syncs last, once every type, shape and device is known to be right
-            for name, ids, n in (("input_ids", input_ids, cfg.vocab_size), *extra):
-                check_range(ids, name, n)
+        if check_values:  # one host sync, last, once every type, shape and device is known to be right
+            check_ranges(*((ids, name, n, None) for name, ids, n in (("input_ids", input_ids, cfg.vocab_size), *extra)))
         return mask
 
     def encode(
