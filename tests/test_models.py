@@ -713,11 +713,9 @@ def test_torch_backend_runs_head_dims_and_dtypes_the_kernels_lack() -> None:
         GPT(GPTConfig.from_name("gpt-tiny", n_embd=60, n_head=5, backend="triton"))(ids)
 
 
-def test_gpt_training_step_checks_ids_and_labels_in_one_host_sync(monkeypatch) -> None:
-    """Both value checks of a training step (ids in the vocabulary, labels in it or -100) cost one device-to-host
-    read together, and a bad value is still named."""
-    model = GPT(GPTConfig.from_name("gpt-tiny"))
-    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+@pytest.fixture
+def host_reads(monkeypatch) -> list:
+    """The shapes of the tensors read back to the host (Tensor.tolist, how the input checks read values)."""
     reads = []
     tolist = torch.Tensor.tolist
 
@@ -726,28 +724,28 @@ def test_gpt_training_step_checks_ids_and_labels_in_one_host_sync(monkeypatch) -
         return tolist(self)
 
     monkeypatch.setattr(torch.Tensor, "tolist", counting)
+    return reads
+
+
+def test_gpt_training_step_checks_ids_and_labels_in_one_host_sync(host_reads) -> None:
+    """Both value checks of a training step (ids in the vocabulary, labels in it or -100) cost one device-to-host
+    read together, and a bad value is still named."""
+    model = GPT(GPTConfig.from_name("gpt-tiny"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
     model(ids, labels=ids)
-    assert len(reads) == 1, reads
+    assert len(host_reads) == 1, host_reads
     with pytest.raises(ValueError, match="labels holds values"):
         model(ids, labels=torch.full_like(ids, model.config.vocab_size))
     with pytest.raises(ValueError, match="input_ids holds values"):
         model(torch.full_like(ids, -1), labels=torch.full_like(ids, model.config.vocab_size))
 
 
-def test_bert_input_value_checks_cost_one_host_sync(monkeypatch) -> None:
+def test_bert_input_value_checks_cost_one_host_sync(host_reads) -> None:
     """input_ids, token_type_ids and position_ids are range-checked with one device-to-host read, naming the bad one."""
     model = BertModel(BertConfig.from_name("bert-tiny"))
     ids = torch.randint(0, model.config.vocab_size, (2, 9))
     types, positions = torch.zeros_like(ids), torch.arange(9).expand(2, 9)
-    reads = []
-    tolist = torch.Tensor.tolist
-
-    def counting(self):
-        reads.append(tuple(self.shape))
-        return tolist(self)
-
-    monkeypatch.setattr(torch.Tensor, "tolist", counting)
     model.check_inputs(ids, token_type_ids=types, position_ids=positions)
-    assert len(reads) == 1, reads
+    assert len(host_reads) == 1, host_reads
     with pytest.raises(ValueError, match="position_ids holds values"):
         model.check_inputs(ids, token_type_ids=types, position_ids=positions + 10**6)
